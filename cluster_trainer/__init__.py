@@ -1,0 +1,32 @@
+"""cluster-trainer: Keras 3 training that resumes at the exact next batch after preemption.
+
+The public API:
+
+- `Job`, `CheckpointPolicy`, `RunContext`: what a job file defines.
+- `load_job(path)`: load the `job` of a job file.
+- `train(job, storage)`: run a job in this process, resuming from `storage`.
+- `read_history(uri)`: a run's epoch history as a pandas DataFrame.
+"""
+
+from cluster_trainer.job import CheckpointPolicy, Job, RunContext, load_job
+
+__all__ = ["CheckpointPolicy", "Job", "RunContext", "load_job", "train", "read_history", "export_model"]
+__version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # TensorFlow is imported only when training-side API is used, so that
+    # job files and `cluster-trainer --help` load fast.
+    if name == "train":
+        from cluster_trainer.loop import train
+
+        return train
+    if name == "read_history":
+        from cluster_trainer.history import read_history
+
+        return read_history
+    if name == "export_model":
+        from cluster_trainer.export import export_model
+
+        return export_model
+    raise AttributeError(f"module 'cluster_trainer' has no attribute {name!r}")

@@ -1,0 +1,199 @@
+"""State of Keras callbacks, so a resumed run makes the same callback decisions.
+
+Stock Keras callbacks keep their state in attributes, and several reset it in
+`on_train_begin`; `restore` therefore runs *after* `on_train_begin`. What is
+kept, per stock callback:
+
+| callback          | attributes                                                    |
+|-------------------|---------------------------------------------------------------|
+| EarlyStopping     | wait, stopped_epoch, best, best_weights, best_epoch           |
+| ReduceLROnPlateau | wait, cooldown_counter, best (the LR itself is optimizer state)|
+| ModelCheckpoint   | best, _batches_seen_since_last_saving, _last_batch_seen, _current_epoch |
+| TensorBoard       | _global_train_batch, _global_test_batch, _previous_epoch_iterations (writers flushed at every capture) |
+| CSVLogger         | keys, append_header, and the file's length: on resume the file is cut back to it and appended to |
+| History           | epoch, history                                                |
+
+Any other callback (user callbacks, subclasses of stock ones) resumes without
+code changes: its attributes whose values are plain JSON data (numbers,
+strings, lists, dicts) or NumPy arrays are captured and set again. A callback
+that defines `get_state()` / `set_state(state)` is captured through those
+instead. Arrays (EarlyStopping's `best_weights`) go to the tensor shards, the
+rest to JSON; nothing is pickled.
+
+Example:
+    >>> class Counter(keras.callbacks.Callback):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.counter = 0
+    ...     def on_train_batch_end(self, batch, logs=None):
+    ...         self.counter += 1
+    >>> c = Counter(); c.counter = 7
+    >>> state, tensors = capture([c])
+    >>> d = Counter(); restore([d], state, tensors); d.counter
+    7
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import keras
+import numpy as np
+
+from cluster_trainer.errors import JobError, StateMismatchError
+
+STOCK_ATTRIBUTES: dict[type, tuple[str, ...]] = {
+    keras.callbacks.EarlyStopping: ("wait", "stopped_epoch", "best", "best_weights", "best_epoch"),
+    keras.callbacks.ReduceLROnPlateau: ("wait", "cooldown_counter", "best"),
+    keras.callbacks.ModelCheckpoint: ("best", "_batches_seen_since_last_saving", "_last_batch_seen", "_current_epoch"),
+    keras.callbacks.TensorBoard: ("_global_train_batch", "_global_test_batch", "_previous_epoch_iterations"),
+    keras.callbacks.CSVLogger: ("keys", "append_header"),
+    keras.callbacks.History: ("epoch", "history"),
+    keras.callbacks.LearningRateScheduler: (),
+    keras.callbacks.TerminateOnNaN: (),
+    keras.callbacks.LambdaCallback: (),
+}
+
+# Attributes every callback has that describe the current process, not the run.
+_NOT_STATE = {"model", "_model", "params", "validation_data"}
+
+
+def tracked(callbacks: Sequence[Any]) -> list:
+    """The callbacks whose state belongs to the run (everything but the progress bar)."""
+    for callback in callbacks:
+        if isinstance(callback, keras.callbacks.BackupAndRestore):
+            raise JobError(
+                "remove keras.callbacks.BackupAndRestore from the job: cluster-trainer checkpoints and "
+                "resumes the run itself, mid-epoch, and the two would fight over the model's state"
+            )
+    return [c for c in callbacks if not isinstance(c, keras.callbacks.ProgbarLogger)]
+
+
+def _key(index: int, callback) -> str:
+    return f"{index:02d}-{type(callback).__name__}"
+
+
+class _Uncapturable(Exception):
+    pass
+
+
+def _encode(value: Any, name: str, tensors: dict[str, np.ndarray]) -> Any:
+    """Encode a value as JSON data, moving arrays into `tensors` under `name`."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, np.generic):
+        return {"__numpy_scalar__": value.dtype.str, "value": value.item()}
+    if isinstance(value, np.ndarray) or keras.ops.is_tensor(value):
+        tensors[name] = np.asarray(keras.ops.convert_to_numpy(value))
+        return {"__tensor__": name}
+    if isinstance(value, (list, tuple)):
+        items = [_encode(v, f"{name}/{i}", tensors) for i, v in enumerate(value)]
+        return items if isinstance(value, list) else {"__tuple__": items}
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {k: _encode(v, f"{name}/{k}", tensors) for k, v in value.items()}
+    raise _Uncapturable(type(value).__name__)
+
+
+def _decode(value: Any, tensors: dict[str, np.ndarray]) -> Any:
+    if isinstance(value, list):
+        return [_decode(v, tensors) for v in value]
+    if isinstance(value, dict):
+        if "__tensor__" in value:
+            return tensors[value["__tensor__"]]
+        if "__numpy_scalar__" in value:
+            return np.dtype(value["__numpy_scalar__"]).type(value["value"])
+        if "__tuple__" in value:
+            return tuple(_decode(v, tensors) for v in value["__tuple__"])
+        return {k: _decode(v, tensors) for k, v in value.items()}
+    return value
+
+
+def _attributes(callback) -> dict[str, Any]:
+    """The raw state of one callback, before encoding."""
+    if hasattr(callback, "get_state") and hasattr(callback, "set_state"):
+        return dict(callback.get_state())
+    names = STOCK_ATTRIBUTES.get(type(callback))
+    if names is not None:
+        return {name: getattr(callback, name, None) for name in names}
+    return {k: v for k, v in vars(callback).items() if k not in _NOT_STATE}
+
+
+def _before_capture(callback) -> dict[str, Any]:
+    """Make side effects durable up to now; return extra state they need."""
+    if isinstance(callback, keras.callbacks.TensorBoard):
+        for writer in getattr(callback, "_writers", {}).values():
+            writer.flush()
+    if isinstance(callback, keras.callbacks.CSVLogger):
+        csv_file = getattr(callback, "csv_file", None)
+        if csv_file is not None and not csv_file.closed:
+            csv_file.flush()
+            return {"csv_bytes": csv_file.tell()}
+        return {"csv_bytes": _file_size(callback.filename)}
+    return {}
+
+
+def capture(callbacks: Sequence[Any]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Capture `callbacks` (as returned by `tracked`) as JSON state plus arrays."""
+    state: dict[str, Any] = {}
+    tensors: dict[str, np.ndarray] = {}
+    stock_or_explicit = lambda c: type(c) in STOCK_ATTRIBUTES or hasattr(c, "get_state")  # noqa: E731
+    for index, callback in enumerate(callbacks):
+        key = _key(index, callback)
+        entry = {"__extra__": _before_capture(callback)}
+        for name, value in _attributes(callback).items():
+            try:
+                entry[name] = _encode(value, f"callbacks/{key}/{name}", tensors)
+            except _Uncapturable as e:
+                if stock_or_explicit(callback):
+                    raise JobError(f"callback {key}: state {name!r} holds a {e}, which cannot be stored as data") from None
+                # A user attribute that is not data (a function, a model): not state we can keep.
+        state[key] = entry
+    return state, tensors
+
+
+def prepare_resume(callbacks: Sequence[Any], state: dict[str, Any]) -> None:
+    """Before `on_train_begin` of a resumed run: undo side effects past the checkpoint."""
+    for index, callback in enumerate(callbacks):
+        extra = state.get(_key(index, callback), {}).get("__extra__", {})
+        if isinstance(callback, keras.callbacks.CSVLogger):
+            # Rows written after the checkpoint would be written again: cut them, then append.
+            _truncate(callback.filename, extra.get("csv_bytes", 0))
+            callback.append = True
+
+
+def restore(callbacks: Sequence[Any], state: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
+    """Restore captured state into `callbacks`; call after `on_train_begin`."""
+    expected = list(state)
+    actual = [_key(i, c) for i, c in enumerate(callbacks)]
+    if expected != actual:
+        raise StateMismatchError(
+            f"the job's callbacks changed since the checkpoint: it has {expected}, the job makes {actual}. "
+            "Restore the job's callback list, or start a new run with another --storage URI"
+        )
+    for key, callback in zip(actual, callbacks):
+        values = {k: _decode(v, tensors) for k, v in state[key].items() if k != "__extra__"}
+        if hasattr(callback, "get_state") and hasattr(callback, "set_state"):
+            callback.set_state(values)
+        else:
+            for name, value in values.items():
+                setattr(callback, name, value)
+
+
+def _file_size(path: str) -> int:
+    import tensorflow as tf
+
+    return tf.io.gfile.stat(path).length if tf.io.gfile.exists(path) else 0
+
+
+def _truncate(path: str, size: int) -> None:
+    import tensorflow as tf
+
+    if os.path.exists(path):
+        with open(path, "r+b") as f:
+            f.truncate(size)
+    elif tf.io.gfile.exists(path):  # object stores have no truncate: rewrite the kept prefix
+        with tf.io.gfile.GFile(path, "rb") as f:
+            kept = f.read(size)
+        with tf.io.gfile.GFile(path, "wb") as f:
+            f.write(kept)

@@ -1,0 +1,182 @@
+"""`cluster-trainer`: run, inspect and export resumable Keras training runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import textwrap
+
+from cluster_trainer.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED, ClusterTrainerError
+
+EXIT_CODES = f"""\
+exit codes:
+  {EXIT_OK}   the run completed (or was already complete)
+  {EXIT_FAILURE}   training failed (an exception in the model, data or a callback)
+  {EXIT_BAD_INPUT}   bad input: usage, job file, --set, storage URI, or a checkpoint that
+      does not fit the job; nothing stored was changed
+  {EXIT_PREEMPTED}  preempted: state was committed; run the same command again to resume
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cluster-trainer",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.dedent(
+            """\
+            Train Keras models that survive preemption: a run stopped anywhere resumes at
+            the exact next batch with the same weights, optimizer, metrics, callbacks and
+            history, and ends bit for bit where an uninterrupted run ends.
+
+            examples:
+              cluster-trainer run jobs/mlp.py --storage runs/mlp
+              cluster-trainer run jobs/mlp.py --storage runs/mlp --set lr=3e-4 --devices 2
+              cluster-trainer status runs/mlp
+              cluster-trainer history runs/mlp --format csv
+              cluster-trainer export runs/mlp mlp.keras
+            """
+        ),
+        epilog=EXIT_CODES,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser(
+        "run",
+        help="train a job; resumes automatically if --storage holds a checkpoint",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.dedent(
+            """\
+            Train the job defined in JOB.py (a module-level `job = cluster_trainer.Job(...)`).
+            If the storage URI already holds a committed checkpoint of the run, training
+            resumes from it, at the next batch, and says where.
+            """
+        ),
+        epilog=EXIT_CODES,
+    )
+    run.add_argument("job", metavar="JOB.py", help="the job file")
+    run.add_argument("--storage", required=True, metavar="URI", help="where the run lives: a path, file://, gs://, s3://")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a key of the job's config (typed: 1e-3, 64, true, 'adam'); repeatable")
+    run.add_argument("--epochs", type=int, help="override the job's epochs (e.g. to extend a finished run)")
+    run.add_argument("--devices", type=int,
+                     help="replicas for MirroredStrategy: the first N GPUs, or N logical CPU devices "
+                          "without GPUs (default: all GPUs, else 1)")
+    run.add_argument("--verbose", choices=["0", "1", "2", "auto"], default="auto",
+                     help="0 silent, 1 progress bar, 2 one line per epoch (default: 1 on a terminal, else 2)")
+
+    status = commands.add_parser("status", help="where a run is: position, attempt, last metrics")
+    status.add_argument("uri", metavar="URI")
+    status.add_argument("--json", action="store_true", help="print JSON instead of text")
+
+    history = commands.add_parser("history", help="the run's epoch history, one row per epoch")
+    history.add_argument("uri", metavar="URI")
+    history.add_argument("--format", choices=["csv", "json", "parquet"], default="csv")
+    history.add_argument("--output", "-o", metavar="PATH", help="write to PATH instead of stdout (required for parquet)")
+
+    export = commands.add_parser("export", help="write the run's model as a standard .keras file")
+    export.add_argument("uri", metavar="URI")
+    export.add_argument("output", metavar="OUT.keras")
+    export.add_argument("--job", metavar="JOB.py", help="the job file (default: the path recorded in the run)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("cluster-trainer: %(levelname)s: %(message)s"))
+    package_log = logging.getLogger("cluster_trainer")
+    package_log.addHandler(handler)
+    package_log.setLevel(logging.INFO)
+    try:
+        return {"run": _run, "status": _status, "history": _history, "export": _export}[args.command](args)
+    except ClusterTrainerError as e:
+        print(f"cluster-trainer: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("cluster-trainer: interrupted", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _run(args) -> int:
+    from cluster_trainer.job import load_job
+    from cluster_trainer.loop import train
+
+    job = load_job(args.job).with_overrides(args.overrides)
+    verbose = args.verbose if args.verbose == "auto" else int(args.verbose)
+    result = train(job, args.storage, devices=args.devices, epochs=args.epochs, verbose=verbose)
+    last = {k: v[-1] for k, v in result.history.items() if v}
+    metrics = ", ".join(f"{k}={v:.6g}" for k, v in sorted(last.items()) if isinstance(v, float))
+    print(f"cluster-trainer: run {result.status}: {result.uri} (epoch {result.position.epoch}, "
+          f"global step {result.position.global_step}, attempt {result.attempt}) {metrics}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _status(args) -> int:
+    from cluster_trainer.checkpoint import CheckpointStore
+    from cluster_trainer.history import history_frame, latest_checkpoint
+    from cluster_trainer.storage import Storage
+
+    checkpoint = latest_checkpoint(args.uri)
+    state = checkpoint.state
+    position = state["position"]
+    history = history_frame(checkpoint)
+    info = {
+        "uri": args.uri,
+        "job": state["job"]["name"],
+        "state": "complete" if position["finished"] else "in progress",
+        "epoch": position["epoch"],
+        "epochs": state["job"]["epochs"],
+        "batch": position["batch"],
+        "steps_per_epoch": state["job"]["steps_per_epoch"],
+        "global_step": position["global_step"],
+        "attempt": checkpoint.attempt,
+        "checkpoint": checkpoint.name,
+        "committed_checkpoints": CheckpointStore(Storage(args.uri)).committed(),
+        "last_epoch": history.iloc[-1].to_dict() if len(history) else None,
+    }
+    if args.json:
+        print(json.dumps(info, indent=2, default=float))
+        return EXIT_OK
+    print(f"run        {info['uri']}  ({info['job']})")
+    print(f"state      {info['state']}" + ("  (stopped early)" if position["stop_training"] else ""))
+    print(f"position   epoch {info['epoch']}/{info['epochs']}, batch {info['batch']}/{info['steps_per_epoch']}, "
+          f"global step {info['global_step']}")
+    print(f"attempt    {info['attempt']}  (checkpoint {info['checkpoint']}, {len(info['committed_checkpoints'])} kept)")
+    if info["last_epoch"]:
+        metrics = "  ".join(f"{k}={v:.6g}" for k, v in info["last_epoch"].items() if k != "epoch")
+        print(f"last epoch {int(info['last_epoch']['epoch'])}: {metrics}")
+    return EXIT_OK
+
+
+def _history(args) -> int:
+    from cluster_trainer.history import read_history
+
+    frame = read_history(args.uri)
+    if args.format == "parquet":
+        if not args.output:
+            raise ClusterTrainerError("--format parquet needs --output PATH (Parquet is binary)")
+        frame.to_parquet(args.output, index=False)
+    else:
+        text = frame.to_csv(index=False) if args.format == "csv" else frame.to_json(orient="records", lines=True)
+        if args.output:
+            with open(args.output, "w") as f:
+                f.write(text)
+        else:
+            sys.stdout.write(text)
+    return EXIT_OK
+
+
+def _export(args) -> int:
+    from cluster_trainer.export import export_model
+
+    export_model(args.uri, args.output, job_path=args.job)
+    print(f"cluster-trainer: wrote {args.output}", file=sys.stderr)
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Resumable input pipelines: each epoch's batches are a function of (seed, epoch).
+
+`tf.data` iterators cannot be checkpointed under a distribution strategy
+(tensorflow#56372), and `shuffle(reshuffle_each_iteration=True)` replays epoch
+0's order in a fresh process. So the data position is two integers,
+`(epoch, batch)`, and a source rebuilds any epoch from the seed and starts it at
+any batch:
+
+- `ArraySource` (in-memory arrays): a permutation drawn from `(seed, epoch)`;
+  starting at batch `b` slices the permutation, reading nothing it skips: O(1).
+- `DatasetSource` (a user builder `fn(epoch, seed) -> tf.data.Dataset` of
+  unbatched examples): starting at batch `b` skips `b * batch_size` examples,
+  which reads them: O(b). Use arrays or a random-access builder when resuming
+  late in long epochs matters.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import numpy as np
+import tensorflow as tf
+
+from cluster_trainer.errors import JobError
+
+
+class ArraySource:
+    """In-memory `(x, y)` arrays (each may be a dict or tuple of arrays)."""
+
+    def __init__(self, arrays: tuple, shuffle: bool):
+        self.arrays = arrays
+        self.shuffle = shuffle
+        lengths = {len(a) for a in tf.nest.flatten(arrays)}
+        if len(lengths) != 1:
+            raise JobError(f"data arrays have different lengths {sorted(lengths)}; x and y need one row per example")
+        self.num_examples = lengths.pop()
+        if self.num_examples == 0:
+            raise JobError("data arrays are empty")
+
+    def num_batches(self, batch_size: int) -> int:
+        return math.ceil(self.num_examples / batch_size)
+
+    def order(self, epoch: int, seed: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.num_examples)
+        return np.random.default_rng([seed, epoch]).permutation(self.num_examples)
+
+    def epoch_dataset(self, epoch: int, seed: int, batch_size: int, start_batch: int = 0) -> tf.data.Dataset:
+        rows = self.order(epoch, seed)[start_batch * batch_size :]
+        sliced = tf.nest.map_structure(lambda a: np.asarray(a)[rows], self.arrays)
+        return tf.data.Dataset.from_tensor_slices(sliced).batch(batch_size)
+
+
+class DatasetSource:
+    """A builder `fn(epoch, seed) -> tf.data.Dataset` of unbatched examples."""
+
+    shuffle = None
+
+    def __init__(self, builder: Callable[[int, int], tf.data.Dataset]):
+        self.builder = builder
+
+    def _build(self, epoch: int, seed: int) -> tf.data.Dataset:
+        dataset = self.builder(epoch, seed)
+        if not isinstance(dataset, tf.data.Dataset):
+            raise JobError(f"data builder returned {type(dataset).__name__}; it must return a tf.data.Dataset of unbatched examples")
+        return dataset
+
+    def num_batches(self, batch_size: int) -> int | None:
+        cardinality = int(self._build(0, 0).cardinality())
+        if cardinality < 0:  # INFINITE or UNKNOWN: the epoch ends when the data does
+            return None
+        return math.ceil(cardinality / batch_size)
+
+    def epoch_dataset(self, epoch: int, seed: int, batch_size: int, start_batch: int = 0) -> tf.data.Dataset:
+        dataset = self._build(epoch, seed)
+        if start_batch:
+            dataset = dataset.skip(start_batch * batch_size)
+        return dataset.batch(batch_size)
+
+
+def as_source(data: Any, *, shuffle: bool, what: str):
+    """Wrap a job's `train_data`/`validation_data` in a source; None stays None."""
+    if data is None:
+        return None
+    if isinstance(data, (ArraySource, DatasetSource)):
+        return data
+    if isinstance(data, tf.data.Dataset):
+        raise JobError(
+            f"Job.{what} is a tf.data.Dataset; pass a builder `lambda epoch, seed: dataset` instead, "
+            "so each epoch's order can be rebuilt on resume"
+        )
+    if callable(data):
+        return DatasetSource(data)
+    if isinstance(data, tuple) and len(data) in (1, 2, 3):
+        return ArraySource(data, shuffle=shuffle)
+    raise JobError(f"Job.{what} must be (x, y) arrays or a builder fn(epoch, seed) -> tf.data.Dataset, got {type(data).__name__}")

@@ -1,0 +1,210 @@
+"""The job contract: what a user writes, and how a job file is loaded.
+
+A job file is a Python file with a module-level `job = cluster_trainer.Job(...)`.
+Everything that decides the result of a run lives in the job (model, data,
+callbacks, epochs, batch size, seed, config), so a resumed run rebuilds the
+same thing from the same file.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import hashlib
+import importlib.util
+import inspect
+import os
+import sys
+from typing import Any, Callable, Mapping, Sequence
+
+from cluster_trainer.errors import ConfigError, JobError
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointPolicy:
+    """When checkpoints are committed, and how many are kept.
+
+    Args:
+        every_steps: commit after every N training steps (None: never mid-epoch).
+        every_epoch: commit at the end of every epoch (after `on_epoch_end`).
+        keep_last: how many committed checkpoints to keep (the newest are kept).
+
+    Example:
+        >>> CheckpointPolicy(every_steps=100, every_epoch=True, keep_last=3)
+        CheckpointPolicy(every_steps=100, every_epoch=True, keep_last=3)
+    """
+
+    every_steps: int | None = None
+    every_epoch: bool = True
+    keep_last: int = 3
+
+    def __post_init__(self):
+        if self.every_steps is not None and self.every_steps < 1:
+            raise JobError(f"CheckpointPolicy.every_steps must be >= 1 or None, got {self.every_steps}")
+        if self.keep_last < 1:
+            raise JobError(f"CheckpointPolicy.keep_last must be >= 1, got {self.keep_last}")
+
+    def due_at_step(self, global_step: int) -> bool:
+        return self.every_steps is not None and global_step % self.every_steps == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class RunContext:
+    """What a job's `callbacks(config, run)` may ask about the run.
+
+    Attributes:
+        uri: the run's storage URI.
+        attempt: 1 for the first process of a run, 2 after the first resume, ...
+    """
+
+    uri: str
+    attempt: int
+
+    def path(self, *parts: str) -> str:
+        """A path under the run, e.g. `run.path("tensorboard")` for TensorBoard's log_dir."""
+        return "/".join([self.uri.rstrip("/"), *parts])
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """A training job: model, data, callbacks and the numbers that define a run.
+
+    Args:
+        name: a short name, shown in logs and stored with every checkpoint.
+        build_model: `build_model(config) -> keras.Model`, compiled. Called inside
+            the distribution strategy's scope, so variables are mirrored.
+        train_data: `(x, y)` numpy arrays (shuffled each epoch by `(seed, epoch)`,
+            resumed without reading skipped batches), or a builder
+            `fn(epoch, seed) -> tf.data.Dataset` of *unbatched* `(x, y)` examples
+            whose order depends only on its arguments (resumed by skipping).
+        validation_data: same forms as `train_data`, or None. Never shuffled.
+        callbacks: `callbacks(config)` or `callbacks(config, run)` returning Keras
+            callbacks. `run` is a `RunContext` (use `run.path("tb")` for log dirs).
+        epochs: number of epochs.
+        batch_size: the global batch size (split across replicas).
+        seed: the run seed: model initialisation, data order, dropout.
+        config: hyperparameters; `--set key=value` overrides them with typed values.
+        checkpoint: a `CheckpointPolicy`.
+        deterministic: turn on TensorFlow op determinism (bitwise-equal resumes).
+
+    Example:
+        >>> import keras, numpy as np
+        >>> def build(config):
+        ...     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+        ...     model.compile(optimizer=keras.optimizers.Adam(config["lr"]), loss="mse")
+        ...     return model
+        >>> job = Job(name="tiny", build_model=build,
+        ...           train_data=(np.zeros((8, 4), "float32"), np.zeros((8, 2), "float32")),
+        ...           epochs=2, batch_size=4, config={"lr": 1e-3})
+        >>> job.with_overrides(["lr=0.01"]).config["lr"]
+        0.01
+    """
+
+    name: str
+    build_model: Callable[[dict], Any]
+    train_data: Any
+    validation_data: Any = None
+    callbacks: Callable[..., Sequence[Any]] | None = None
+    epochs: int = 1
+    batch_size: int = 32
+    seed: int = 0
+    config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    checkpoint: CheckpointPolicy = CheckpointPolicy()
+    deterministic: bool = True
+    source_path: str | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise JobError("Job.name must be a non-empty string")
+        if not callable(self.build_model):
+            raise JobError(f"Job.build_model must be a function build_model(config) -> keras.Model, got {self.build_model!r}")
+        if self.callbacks is not None and not callable(self.callbacks):
+            raise JobError("Job.callbacks must be a function callbacks(config[, run]) returning a list of Keras callbacks")
+        for field, value in (("epochs", self.epochs), ("batch_size", self.batch_size)):
+            if not isinstance(value, int) or value < 1:
+                raise JobError(f"Job.{field} must be a positive integer, got {value!r}")
+        if not isinstance(self.checkpoint, CheckpointPolicy):
+            raise JobError("Job.checkpoint must be a cluster_trainer.CheckpointPolicy")
+        object.__setattr__(self, "config", dict(self.config))
+
+    def with_overrides(self, assignments: Sequence[str]) -> "Job":
+        """A copy whose config has `key=value` assignments applied (typed; see `parse_override`)."""
+        config = dict(self.config)
+        for assignment in assignments:
+            key, value = parse_override(assignment, config)
+            config[key] = value
+        return dataclasses.replace(self, config=config)
+
+    def make_callbacks(self, run: RunContext) -> list:
+        if self.callbacks is None:
+            return []
+        params = inspect.signature(self.callbacks).parameters
+        made = self.callbacks(self.config, run) if len(params) >= 2 else self.callbacks(self.config)
+        return list(made or [])
+
+
+def parse_override(assignment: str, config: Mapping[str, Any]) -> tuple[str, Any]:
+    """Parse `key=value` into a typed value matching the config's current type.
+
+    Values are Python literals (`1e-3`, `64`, `true`, `[32, 64]`, `'adam'`);
+    anything that is not a literal is a string. An int given for a float key
+    becomes a float. Unknown keys are an error, so a typo does not go unnoticed.
+
+    Example:
+        >>> parse_override("lr=1e-3", {"lr": 0.1})
+        ('lr', 0.001)
+        >>> parse_override("units=64", {"units": 32})
+        ('units', 64)
+    """
+    key, sep, raw = assignment.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set expects key=value, got {assignment!r}")
+    if key not in config:
+        known = ", ".join(sorted(config)) or "(the job has no config)"
+        raise ConfigError(f"--set {key}: no such config key; the job's keys are: {known}")
+    lowered = raw.strip().lower()
+    if lowered in ("true", "false"):
+        value: Any = lowered == "true"
+    elif lowered in ("none", "null"):
+        value = None
+    else:
+        try:
+            value = ast.literal_eval(raw.strip())
+        except (ValueError, SyntaxError):
+            value = raw
+    current = config[key]
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if current is not None and value is not None and type(value) is not type(current):
+        raise ConfigError(
+            f"--set {key}={raw}: expected a {type(current).__name__} like {current!r}, got {type(value).__name__}"
+        )
+    return key, value
+
+
+def load_job(path: str) -> Job:
+    """Load the module-level `job` from a Python file.
+
+    Raises `JobError` with a one-line message when the file is missing, fails to
+    import, or does not define a `cluster_trainer.Job` named `job`.
+    """
+    path = os.path.abspath(path)
+    if not os.path.isfile(path):
+        raise JobError(f"job file not found: {path} (pass the path of a .py file defining `job = cluster_trainer.Job(...)`)")
+    module_name = "cluster_trainer_job_" + hashlib.sha1(path.encode()).hexdigest()[:12]
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module
+    try:
+        spec.loader.exec_module(module)
+    except JobError:
+        raise
+    except Exception as e:  # the user's code: name the file and the error
+        raise JobError(f"job file {path} failed to import: {type(e).__name__}: {e}") from e
+    job = getattr(module, "job", None)
+    if job is None:
+        raise JobError(f"job file {path} defines no module-level `job`; add `job = cluster_trainer.Job(...)`")
+    if not isinstance(job, Job):
+        raise JobError(f"`job` in {path} is a {type(job).__name__}, not a cluster_trainer.Job")
+    return dataclasses.replace(job, source_path=path)

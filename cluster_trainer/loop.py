@@ -1,0 +1,339 @@
+"""The resumable training loop: epochs and batches driven here, the step by Keras.
+
+`model.fit` cannot start in the middle of an epoch, so this loop does what
+`fit` does (Keras 3.15 `backend/tensorflow/trainer.py`), in the same order,
+with one difference: it can begin at any `(epoch, batch)` and it commits
+checkpoints between steps. The step itself is Keras's compiled
+`train_function`/`test_function` under the job's MirroredStrategy, and the
+callbacks are driven through `keras.callbacks.CallbackList`, so stock and user
+callbacks see exactly the calls they would see in `fit`.
+
+Resuming at batch `b` of epoch `e` means: the callbacks were already told
+`on_epoch_begin(e)` and `on_train_batch_end(b - 1)` by the process that wrote the
+checkpoint, so the resumed process calls neither again (the progress bar alone
+is re-initialised), restores model, optimizer, metric and callback state, and
+feeds batch `b` next. When `b` is the epoch's last batch, the next thing run is
+validation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import socket
+import sys
+import time
+from typing import Any, Callable
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from cluster_trainer import callback_state
+from cluster_trainer.checkpoint import Checkpoint, CheckpointStore
+from cluster_trainer.data import as_source
+from cluster_trainer.devices import enable_determinism, make_strategy
+from cluster_trainer.errors import CheckpointError, JobError
+from cluster_trainer.job import Job, RunContext
+from cluster_trainer.state import capture_model_state, capture_rng_state, restore_model_state, restore_rng_state
+from cluster_trainer.storage import Storage
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Position:
+    """Where the run is: the next batch to train is `batch` of `epoch`."""
+
+    epoch: int = 0
+    batch: int = 0
+    global_step: int = 0
+    stop_training: bool = False
+    finished: bool = False
+    # Train logs of the epoch so far, for an epoch resumed after its last batch
+    # (the logs `fit` would carry from the last step into on_epoch_end).
+    train_logs: dict | None = None
+
+
+@dataclasses.dataclass
+class RunResult:
+    """What `train` returns: where the run ended and its epoch history."""
+
+    uri: str
+    status: str  # "completed" or "already_complete"
+    attempt: int
+    position: Position
+    history: dict[str, list]
+    checkpoint: str | None
+
+
+def train(
+    job: Job,
+    storage: str,
+    *,
+    devices: int | None = None,
+    epochs: int | None = None,
+    verbose: int | str = "auto",
+    strategy: tf.distribute.Strategy | None = None,
+    echo: Callable[[str], None] | None = None,
+) -> RunResult:
+    """Run `job` to the end, storing checkpoints under `storage`; resume if it holds one.
+
+    Args:
+        job: the `Job`.
+        storage: the run's URI (local path, file://, memory://, gs://, s3://).
+        devices: replicas for MirroredStrategy (default: all GPUs, else 1 CPU).
+        epochs: override `job.epochs` (e.g. to extend a finished run).
+        verbose: 0 silent, 1 progress bar, 2 one line per epoch, "auto".
+        strategy: an existing strategy (overrides `devices`).
+        echo: where to print one-line run messages (default: stderr).
+
+    Example:
+        >>> result = train(load_job("jobs/mlp.py"), "runs/mlp")   # doctest: +SKIP
+        >>> result.history["val_loss"][-1]                          # doctest: +SKIP
+    """
+    echo = echo or (lambda message: print(message, file=sys.stderr, flush=True))
+    if epochs is not None:
+        job = dataclasses.replace(job, epochs=epochs)
+    if verbose == "auto":
+        verbose = 1 if sys.stdout.isatty() else 2
+    strategy = strategy or make_strategy(devices)
+    store = CheckpointStore(Storage(storage), keep_last=job.checkpoint.keep_last)
+    resume = store.load_latest()
+    attempt = resume.attempt + 1 if resume else 1
+    return _Run(job, store, strategy, resume, attempt, verbose, echo).run()
+
+
+def build_compiled_model(job: Job, strategy: tf.distribute.Strategy, train_source) -> keras.Model:
+    """Call the job's `build_model` in the strategy's scope and create every variable.
+
+    Variables (layers, optimizer slots, metric accumulators) are created from
+    one batch of epoch 0, as `fit` does before its first step, so that state
+    can be restored before any step runs.
+    """
+    with strategy.scope():
+        model = job.build_model(job.config)
+        if not isinstance(model, keras.Model):
+            raise JobError(f"build_model returned {type(model).__name__}, not a keras.Model")
+        if model.optimizer is None:
+            raise JobError("build_model must return a compiled model: call model.compile(...) in it")
+        first = next(iter(train_source.epoch_dataset(0, job.seed, job.batch_size)))
+        model._symbolic_build(data_batch=first)
+    return model
+
+
+class _Run:
+    def __init__(self, job: Job, store: CheckpointStore, strategy, resume: Checkpoint | None, attempt: int, verbose, echo):
+        self.job = job
+        self.store = store
+        self.strategy = strategy
+        self.resume = resume
+        self.attempt = attempt
+        self.verbose = verbose
+        self.echo = echo
+        self.uri = store.storage.uri
+        self.position = Position()
+        self._last_logs = None  # the last train step's logs, as tensors
+        self.last_checkpoint = resume.name if resume else None
+
+    # -- set-up ------------------------------------------------------------
+
+    def _build(self):
+        job = self.job
+        if job.deterministic:
+            enable_determinism(job.seed)
+        else:
+            keras.utils.set_random_seed(job.seed)
+        self.train_source = as_source(job.train_data, shuffle=True, what="train_data")
+        self.val_source = as_source(job.validation_data, shuffle=False, what="validation_data")
+        self.steps_per_epoch = self.train_source.num_batches(job.batch_size)
+        self.model = build_compiled_model(job, self.strategy, self.train_source)
+        with self.strategy.scope():
+            self.model.make_train_function()
+            if self.val_source is not None:
+                self.model.make_test_function()
+        run_root = self.store.storage.local_path() or self.uri
+        self.run_context = RunContext(uri=run_root, attempt=self.attempt)
+        user_callbacks = job.make_callbacks(self.run_context)
+        self.callbacks = keras.callbacks.CallbackList(
+            user_callbacks,
+            add_history=True,
+            add_progbar=self.verbose != 0,
+            verbose=self.verbose,
+            epochs=job.epochs,
+            steps=self.steps_per_epoch,
+            model=self.model,
+        )
+        self.stateful_callbacks = callback_state.tracked(self.callbacks.callbacks)
+        self.progbar = next((c for c in self.callbacks.callbacks if isinstance(c, keras.callbacks.ProgbarLogger)), None)
+
+    def _restore(self, checkpoint: Checkpoint) -> None:
+        state = checkpoint.state
+        restore_model_state(self.model, checkpoint.tensors, state["variables"])
+        callback_state.restore(self.stateful_callbacks, state["callbacks"], checkpoint.tensors)
+        restore_rng_state(state["rng"], checkpoint.tensors)
+        self.position = Position(**state["position"])
+        self.model.stop_training = self.position.stop_training
+
+    # -- checkpoints ---------------------------------------------------------
+
+    def _commit(self) -> None:
+        flush = getattr(self.callbacks, "_flush_futures", None)
+        if flush is not None:  # async batch-end callbacks must have run before their state is read
+            flush()
+        self.position.stop_training = bool(self.model.stop_training)
+        if self._last_logs is not None:
+            self.position.train_logs = _pythonify(self._last_logs)
+        tensors, variables = capture_model_state(self.model)
+        callbacks, callback_tensors = callback_state.capture(self.stateful_callbacks)
+        rng, rng_tensors = capture_rng_state()
+        state = {
+            "position": dataclasses.asdict(self.position),
+            "variables": variables,
+            "callbacks": callbacks,
+            "rng": rng,
+            "replicas": self.strategy.num_replicas_in_sync,
+            "job": {
+                "name": self.job.name,
+                "source_path": self.job.source_path,
+                "config": self.job.config,
+                "epochs": self.job.epochs,
+                "batch_size": self.job.batch_size,
+                "seed": self.job.seed,
+                "steps_per_epoch": self.steps_per_epoch,
+            },
+            "host": socket.gethostname(),
+        }
+        self.last_checkpoint = self.store.commit(
+            step=self.position.global_step,
+            attempt=self.attempt,
+            tensors={**tensors, **callback_tensors, **rng_tensors},
+            state=state,
+        )
+
+    # -- the loop --------------------------------------------------------------
+
+    def run(self) -> RunResult:
+        self._build()
+        if self.resume is not None:
+            self._check_config(self.resume)
+            callback_state.prepare_resume(self.stateful_callbacks, self.resume.state["callbacks"])
+        self.model.stop_training = False
+        self.callbacks.on_train_begin()
+        if self.resume is not None:
+            self._restore(self.resume)
+            p = self.position
+            if p.finished and (p.stop_training or p.epoch >= self.job.epochs):
+                self.echo(f"run at {self.uri} is already complete (epoch {p.epoch}, global step {p.global_step}); nothing to do")
+                return self._result("already_complete")
+            self.echo(
+                f"resuming run {self.job.name!r} at {self.uri} from {self.resume.name}: "
+                f"epoch {p.epoch + 1}, batch {p.batch} (global step {p.global_step}), attempt {self.attempt}"
+            )
+        else:
+            self.echo(f"starting run {self.job.name!r} at {self.uri} (attempt 1, {self.strategy.num_replicas_in_sync} replica(s))")
+        self.position.finished = False
+
+        training_logs = None
+        for epoch in range(self.position.epoch, self.job.epochs):
+            if self.model.stop_training and self.position.batch == 0:
+                break  # stopped at the end of the previous epoch, as fit would have
+            resumed_mid_epoch = self.position.batch > 0
+            if resumed_mid_epoch:
+                if self.progbar is not None:
+                    self.progbar.on_epoch_begin(epoch)
+            else:
+                self.model.reset_metrics()
+                self.callbacks.on_epoch_begin(epoch)
+            epoch_started = time.monotonic()
+            logs = self._train_epoch(epoch)
+            epoch_logs = dict(self.model._get_metrics_result_or_logs(logs or {}))
+            if self.val_source is not None:
+                epoch_logs.update({f"val_{k}": v for k, v in self._evaluate().items()})
+            self.callbacks.on_epoch_end(epoch, epoch_logs)
+            training_logs = epoch_logs
+            log.debug("epoch %d took %.2fs", epoch, time.monotonic() - epoch_started)
+            self.position = dataclasses.replace(self.position, epoch=epoch + 1, batch=0, train_logs=None)
+            self._last_logs = None
+            if self.job.checkpoint.every_epoch:
+                self._commit()
+            if self.model.stop_training:
+                break
+
+        self.model.optimizer.finalize_variable_values(self.model.trainable_weights)
+        self.callbacks.on_train_end(logs=training_logs)
+        self.position.finished = True
+        self._commit()
+        return self._result("completed")
+
+    def _train_epoch(self, epoch: int):
+        """Train from `position.batch` to the end of `epoch`; returns the last step's logs."""
+        job = self.job
+        start = self.position.batch
+        dataset = self.train_source.epoch_dataset(epoch, job.seed, job.batch_size, start_batch=start)
+        iterator = iter(self.strategy.experimental_distribute_dataset(dataset))
+        logs = self.position.train_logs
+        batch = start
+        while not self.model.stop_training:
+            try:
+                data = next(iterator)
+            except (StopIteration, tf.errors.OutOfRangeError):
+                break
+            self.callbacks.on_train_batch_begin(batch)
+            # A list of one batch makes Keras run its compiled one-step function on it.
+            logs = self.model.train_function([data])
+            self.callbacks.on_train_batch_end(batch, logs)
+            batch += 1
+            self._last_logs = logs
+            self.position = dataclasses.replace(self.position, batch=batch, global_step=self.position.global_step + 1)
+            if job.checkpoint.due_at_step(self.position.global_step):
+                self._commit()
+        return logs
+
+    def _evaluate(self) -> dict:
+        """Validation as `Model.evaluate` runs it inside `fit`, through the same callbacks."""
+        job = self.job
+        self.callbacks.on_test_begin()
+        logs = {}
+        self.model.reset_metrics()
+        dataset = self.val_source.epoch_dataset(0, job.seed, job.batch_size)
+        batch = 0
+        for data in self.strategy.experimental_distribute_dataset(dataset):
+            self.callbacks.on_test_batch_begin(batch)
+            logs = self.model.test_function([data])
+            self.callbacks.on_test_batch_end(batch, logs)
+            batch += 1
+        logs = _pythonify(self.model._get_metrics_result_or_logs(logs))
+        self.callbacks.on_test_end(logs)
+        return logs
+
+    def _check_config(self, checkpoint: Checkpoint) -> None:
+        stored = checkpoint.state["job"]
+        if stored["batch_size"] != self.job.batch_size or stored["seed"] != self.job.seed:
+            raise CheckpointError(
+                f"the run at {self.uri} was started with batch_size={stored['batch_size']}, seed={stored['seed']}; "
+                f"the job now has batch_size={self.job.batch_size}, seed={self.job.seed}. "
+                "Resuming would feed different batches: restore them, or use another --storage URI"
+            )
+        if stored["config"] != self.job.config:
+            changed = sorted(k for k in set(stored["config"]) | set(self.job.config) if stored["config"].get(k) != self.job.config.get(k))
+            self.echo(f"warning: config differs from the run's checkpoint in {changed}; continuing with the new values")
+
+    def _result(self, status: str) -> RunResult:
+        history = next((c for c in self.callbacks.callbacks if isinstance(c, keras.callbacks.History)), None)
+        return RunResult(
+            uri=self.uri,
+            status=status,
+            attempt=self.attempt,
+            position=self.position,
+            history=dict(history.history) if history else {},
+            checkpoint=self.last_checkpoint,
+        )
+
+
+def _pythonify(logs: Any) -> dict | None:
+    if logs is None:
+        return None
+    from keras.src.utils.python_utils import pythonify_logs
+
+    return pythonify_logs(logs)

@@ -1,0 +1,214 @@
+"""Capture and strict restore of a model's complete training state.
+
+What is captured, in four groups that together are what
+`model.get_state_tree()` holds:
+
+- trainable and non-trainable variables (non-trainable includes every
+  Dropout's `SeedGenerator` state, so dropout masks continue where they were),
+- optimizer variables (iteration, learning rate, slots),
+- metric accumulators, *per replica*: under MirroredStrategy they are
+  SyncOnRead variables whose replicas hold partial sums; restoring the sum
+  (which `assign` splits evenly) changes the last digit of the reported
+  metric, restoring each replica's part keeps it bitwise equal,
+
+plus the process-global RNGs a callback or layer may draw from (Keras's global
+SeedGenerator, NumPy's and Python's global generators).
+
+Keys do not depend on auto-generated layer names (`dense_1` in one process is
+`dense_3` in another): a variable is keyed by its group and position, and its
+path with numeric suffixes removed is kept beside it as a check. Restore is
+strict: every variable matched, same normalised path, shape and dtype, or a
+`StateMismatchError` naming the first differences.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from typing import Any
+
+import keras
+import numpy as np
+from tensorflow.python.distribute import values as tf_distribute_values  # SyncOnReadVariable
+
+from cluster_trainer.errors import StateMismatchError
+
+_AUTO_NAME_SUFFIX = re.compile(r"_\d+(?=_|/|$)")
+_KERAS_GLOBAL_RNG_KEY = "rng/keras_global_seed_generator"
+_NUMPY_RNG_KEY = "rng/numpy_mt19937"
+
+
+def stable_path(path: str) -> str:
+    """A variable path without Keras's auto-generated numeric suffixes.
+
+    Example:
+        >>> stable_path("sequential_1/dense_3/kernel")
+        'sequential/dense/kernel'
+    """
+    return _AUTO_NAME_SUFFIX.sub("", path)
+
+
+def _variable_groups(model) -> dict[str, list]:
+    optimizer = getattr(model, "optimizer", None)
+    return {
+        "trainable": list(model.trainable_variables),
+        "non_trainable": list(model.non_trainable_variables),
+        "optimizer": list(optimizer.variables) if optimizer is not None else [],
+        "metrics": list(model.metrics_variables),
+    }
+
+
+def _backing(variable):
+    """The backend variable behind a Keras variable (a tf.Variable or distributed one)."""
+    return getattr(variable, "_value", variable)
+
+
+def _replica_parts(variable) -> list | None:
+    """The per-replica components of a SyncOnRead variable, else None."""
+    backing = _backing(variable)
+    if isinstance(backing, tf_distribute_values.SyncOnReadVariable):
+        return list(backing.values)
+    return None
+
+
+def _describe(model) -> list[dict]:
+    entries = []
+    for group, variables in _variable_groups(model).items():
+        for i, variable in enumerate(variables):
+            entries.append(
+                {
+                    "key": f"model/{group}/{i:05d}",
+                    "path": variable.path,
+                    "stable_path": stable_path(variable.path),
+                    "shape": list(variable.shape),
+                    "dtype": str(variable.dtype),
+                    "variable": variable,
+                }
+            )
+    return entries
+
+
+def capture_model_state(model) -> tuple[dict[str, np.ndarray], list[dict]]:
+    """Copy every variable of `model` to host memory.
+
+    Returns `(tensors, index)`: arrays by key, and a JSON-able description of
+    each variable (key, path, shape, dtype, replicas) for strict restore.
+    """
+    tensors: dict[str, np.ndarray] = {}
+    index = []
+    for entry in _describe(model):
+        variable = entry.pop("variable")
+        parts = _replica_parts(variable)
+        if parts is not None:
+            tensors[entry["key"]] = np.stack([np.asarray(p.numpy()) for p in parts])
+            entry["replicas"] = len(parts)
+        else:
+            tensors[entry["key"]] = np.asarray(keras.ops.convert_to_numpy(variable.value))
+        index.append(entry)
+    return tensors, index
+
+
+def check_model_fits(model, index: list[dict]) -> None:
+    """Raise `StateMismatchError` unless `index` describes exactly `model`'s variables."""
+    current = _describe(model)
+    stored_by_key = {e["key"]: e for e in index}
+    current_keys = {e["key"] for e in current}
+    differences = []
+    for entry in current:
+        stored = stored_by_key.get(entry["key"])
+        if stored is None:
+            differences.append(f"{entry['path']} {tuple(entry['shape'])} is new (not in the checkpoint)")
+        elif (stored["stable_path"], stored["shape"], stored["dtype"]) != (
+            entry["stable_path"],
+            entry["shape"],
+            entry["dtype"],
+        ):
+            differences.append(
+                f"{entry['key']}: checkpoint has {stored['path']} {tuple(stored['shape'])} {stored['dtype']}, "
+                f"model has {entry['path']} {tuple(entry['shape'])} {entry['dtype']}"
+            )
+    for stored in index:
+        if stored["key"] not in current_keys:
+            differences.append(f"{stored['path']} {tuple(stored['shape'])} is in the checkpoint but not in the model")
+    if differences:
+        shown = "; ".join(differences[:3])
+        more = f" (and {len(differences) - 3} more)" if len(differences) > 3 else ""
+        raise StateMismatchError(
+            f"the checkpoint was written by a different model: {shown}{more}. "
+            "Restore the job's original model, or start a new run with another --storage URI"
+        )
+
+
+def restore_model_state(model, tensors: dict[str, np.ndarray], index: list[dict]) -> None:
+    """Assign stored values to every variable of `model`; strict (see `check_model_fits`).
+
+    Checks everything before assigning anything, so a mismatch leaves the
+    model untouched. Per-replica metric parts are restored per replica when the
+    replica count is the same, else their aggregate is assigned.
+    """
+    check_model_fits(model, index)
+    stored_by_key = {e["key"]: e for e in index}
+    for entry in _describe(model):
+        variable = entry["variable"]
+        value = tensors[entry["key"]]
+        replicas = stored_by_key[entry["key"]].get("replicas")
+        parts = _replica_parts(variable)
+        if replicas is None:
+            variable.assign(value)
+        elif parts is not None and len(parts) == replicas:
+            for part, part_value in zip(parts, value):
+                part.assign(part_value)
+        else:
+            variable.assign(_aggregate(variable, value))
+
+
+def _aggregate(variable, per_replica: np.ndarray) -> np.ndarray:
+    aggregation = str(getattr(variable, "aggregation", "sum")).lower()
+    if "sum" in aggregation:
+        return per_replica.sum(axis=0).astype(per_replica.dtype)
+    if "mean" in aggregation:
+        return per_replica.mean(axis=0).astype(per_replica.dtype)
+    return per_replica[0]
+
+
+def capture_rng_state() -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Process-global RNG state: Python's, NumPy's and Keras's global SeedGenerator."""
+    from keras.src.backend.common import global_state
+
+    tensors = {}
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    tensors[_NUMPY_RNG_KEY] = np.asarray(keys)
+    state: dict[str, Any] = {
+        "python": _listify(random.getstate()),
+        "numpy": {"kind": kind, "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+    }
+    generator = global_state.get_global_attribute("global_seed_generator")
+    if generator is not None:
+        tensors[_KERAS_GLOBAL_RNG_KEY] = np.asarray(keras.ops.convert_to_numpy(generator.state.value))
+    return state, tensors
+
+
+def restore_rng_state(state: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
+    from keras.src.random.seed_generator import global_seed_generator
+
+    random.setstate(_tuplify(state["python"]))
+    numpy_state = state["numpy"]
+    np.random.set_state(
+        (
+            numpy_state["kind"],
+            tensors[_NUMPY_RNG_KEY],
+            numpy_state["pos"],
+            numpy_state["has_gauss"],
+            numpy_state["cached_gaussian"],
+        )
+    )
+    if _KERAS_GLOBAL_RNG_KEY in tensors:
+        global_seed_generator().state.assign(tensors[_KERAS_GLOBAL_RNG_KEY])
+
+
+def _listify(value):
+    return [_listify(v) for v in value] if isinstance(value, (tuple, list)) else value
+
+
+def _tuplify(value):
+    return tuple(_tuplify(v) for v in value) if isinstance(value, list) else value
