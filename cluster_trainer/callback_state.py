@@ -10,7 +10,7 @@ kept, per stock callback:
 | ReduceLROnPlateau | wait, cooldown_counter, best (the LR itself is optimizer state)|
 | ModelCheckpoint   | best, _batches_seen_since_last_saving, _last_batch_seen, _current_epoch |
 | TensorBoard       | _global_train_batch, _global_test_batch, _previous_epoch_iterations (writers flushed at every capture) |
-| CSVLogger         | keys, append_header, and the file's length: on resume the file is cut back to it and appended to |
+| CSVLogger         | keys, and the file's length: on resume the file is cut back to it and appended to |
 | History           | epoch, history                                                |
 
 Any other callback (user callbacks, subclasses of stock ones) resumes without
@@ -48,7 +48,8 @@ STOCK_ATTRIBUTES: dict[type, tuple[str, ...]] = {
     keras.callbacks.ReduceLROnPlateau: ("wait", "cooldown_counter", "best"),
     keras.callbacks.ModelCheckpoint: ("best", "_batches_seen_since_last_saving", "_last_batch_seen", "_current_epoch"),
     keras.callbacks.TensorBoard: ("_global_train_batch", "_global_test_batch", "_previous_epoch_iterations"),
-    keras.callbacks.CSVLogger: ("keys", "append_header"),
+    # append_header is not state: in append mode on_train_begin derives it from the (cut back) file.
+    keras.callbacks.CSVLogger: ("keys",),
     keras.callbacks.History: ("epoch", "history"),
     keras.callbacks.LearningRateScheduler: (),
     keras.callbacks.TerminateOnNaN: (),
@@ -162,8 +163,8 @@ def prepare_resume(callbacks: Sequence[Any], state: dict[str, Any]) -> None:
             callback.append = True
 
 
-def restore(callbacks: Sequence[Any], state: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
-    """Restore captured state into `callbacks`; call after `on_train_begin`."""
+def check_matches(callbacks: Sequence[Any], state: dict[str, Any]) -> None:
+    """Raise `StateMismatchError` unless `state` was captured from the same callback list."""
     expected = list(state)
     actual = [_key(i, c) for i, c in enumerate(callbacks)]
     if expected != actual:
@@ -171,7 +172,13 @@ def restore(callbacks: Sequence[Any], state: dict[str, Any], tensors: dict[str, 
             f"the job's callbacks changed since the checkpoint: it has {expected}, the job makes {actual}. "
             "Restore the job's callback list, or start a new run with another --storage URI"
         )
-    for key, callback in zip(actual, callbacks):
+
+
+def restore(callbacks: Sequence[Any], state: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
+    """Restore captured state into `callbacks`; call after `on_train_begin`."""
+    check_matches(callbacks, state)
+    for index, callback in enumerate(callbacks):
+        key = _key(index, callback)
         values = {k: _decode(v, tensors) for k, v in state[key].items() if k != "__extra__"}
         if hasattr(callback, "get_state") and hasattr(callback, "set_state"):
             callback.set_state(values)

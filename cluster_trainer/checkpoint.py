@@ -3,7 +3,7 @@
 Layout under the run::
 
     checkpoints/
-      step-000000000123-a0002/        one directory per (global step, attempt)
+      c00000042-s0000000123-a0002/    one directory per commit: sequence, global step, attempt
         shard-00000.safetensors       tensors, split into shards of bounded size
         state.json                    loop position, callback state, variable index
         MANIFEST.json                 written last: the commit
@@ -16,8 +16,10 @@ checkpoint that fails verification is skipped with a warning naming the bad
 object, and the previous committed one is used.
 
 Tensors are stored with safetensors and state as JSON: loading never runs code.
-The attempt number in the directory name keeps two processes of one run from
-ever writing the same directory.
+The sequence number counts the run's commits (two can share a global step: the
+last batch of an epoch, and the end of that epoch after validation); the attempt
+number keeps two processes of one run from ever writing the same directory.
+Newest means highest (sequence, attempt).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ MANIFEST = "MANIFEST.json"
 STATE = "state.json"
 PREFIX = "checkpoints"
 DEFAULT_SHARD_BYTES = 256 * 1024 * 1024
-_NAME = re.compile(r"^step-(\d{12})-a(\d{4,})$")
+_NAME = re.compile(r"^c(\d{8,})-s(\d{10,})-a(\d{4,})$")
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +54,7 @@ class Checkpoint:
     """A committed, verified checkpoint read back into memory."""
 
     name: str
+    sequence: int
     step: int
     attempt: int
     manifest: dict[str, Any]
@@ -59,8 +62,8 @@ class Checkpoint:
     tensors: dict[str, np.ndarray]
 
 
-def checkpoint_name(step: int, attempt: int) -> str:
-    return f"step-{step:012d}-a{attempt:04d}"
+def checkpoint_name(sequence: int, step: int, attempt: int) -> str:
+    return f"c{sequence:08d}-s{step:010d}-a{attempt:04d}"
 
 
 def _sha256(data: bytes) -> str:
@@ -91,8 +94,8 @@ class CheckpointStore:
 
     Example:
         >>> store = CheckpointStore(Storage("memory://doc-store/run"), keep_last=2)
-        >>> store.commit(step=5, attempt=1, tensors={"w": np.ones(3, "float32")}, state={"epoch": 0})
-        'step-000000000005-a0001'
+        >>> store.commit(sequence=1, step=5, attempt=1, tensors={"w": np.ones(3, "float32")}, state={})
+        'c00000001-s0000000005-a0001'
         >>> store.load_latest().tensors["w"]
         array([1., 1., 1.], dtype=float32)
     """
@@ -105,10 +108,10 @@ class CheckpointStore:
     def _rel(self, name: str, file: str = "") -> str:
         return "/".join(p for p in (PREFIX, name, file) if p)
 
-    def commit(self, *, step: int, attempt: int, tensors: dict[str, np.ndarray], state: dict[str, Any]) -> str:
+    def commit(self, *, sequence: int, step: int, attempt: int, tensors: dict[str, np.ndarray], state: dict[str, Any]) -> str:
         """Write a checkpoint and commit it by writing its manifest last; returns its name."""
         started = time.monotonic()
-        name = checkpoint_name(step, attempt)
+        name = checkpoint_name(sequence, step, attempt)
         files = []
         tensor_shard = {}
         for i, shard in enumerate(_shards(tensors, self.shard_bytes)):
@@ -122,6 +125,7 @@ class CheckpointStore:
         files.append({"name": STATE, "size": len(state_bytes), "sha256": _sha256(state_bytes)})
         manifest = {
             "format": FORMAT,
+            "sequence": sequence,
             "step": step,
             "attempt": attempt,
             "committed_at": time.time(),
@@ -134,12 +138,12 @@ class CheckpointStore:
         return name
 
     def committed(self) -> list[str]:
-        """Names of checkpoints with a manifest, newest (highest step, then attempt) first."""
+        """Names of checkpoints with a manifest, newest (highest sequence, then attempt) first."""
         names = []
         for name in self.storage.list_dirs(PREFIX):
             match = _NAME.match(name)
             if match and self.storage.exists(self._rel(name, MANIFEST)):
-                names.append((int(match[1]), int(match[2]), name))
+                names.append((int(match[1]), int(match[3]), name))
         return [name for _, _, name in sorted(names, reverse=True)]
 
     def read(self, name: str) -> Checkpoint:
@@ -174,6 +178,7 @@ class CheckpointStore:
             raise CheckpointError(f"{name}: tensors listed in the manifest are missing: {sorted(missing)[:3]}")
         return Checkpoint(
             name=name,
+            sequence=manifest["sequence"],
             step=manifest["step"],
             attempt=manifest["attempt"],
             manifest=manifest,

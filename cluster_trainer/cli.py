@@ -92,6 +92,12 @@ def main(argv: list[str] | None = None) -> int:
     package_log.addHandler(handler)
     package_log.setLevel(logging.INFO)
     try:
+        if args.command in ("run", "export") and int(os.environ["TF_CPP_MIN_LOG_LEVEL"] or 0) >= 2:
+            from cluster_trainer.native_logs import import_tensorflow_quietly
+
+            native = import_tensorflow_quietly()
+            if "cuInit" in native or "Could not find cuda drivers" in native:
+                package_log.debug("TensorFlow found no usable CUDA driver; running on CPU")
         return {"run": _run, "status": _status, "history": _history, "export": _export}[args.command](args)
     except ClusterTrainerError as e:
         print(f"cluster-trainer: error: {e}", file=sys.stderr)

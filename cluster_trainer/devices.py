@@ -48,3 +48,4 @@ def enable_determinism(seed: int) -> None:
 
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
+

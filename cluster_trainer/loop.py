@@ -35,7 +35,13 @@ from cluster_trainer.data import as_source
 from cluster_trainer.devices import enable_determinism, make_strategy
 from cluster_trainer.errors import CheckpointError, JobError
 from cluster_trainer.job import Job, RunContext
-from cluster_trainer.state import capture_model_state, capture_rng_state, restore_model_state, restore_rng_state
+from cluster_trainer.state import (
+    capture_model_state,
+    capture_rng_state,
+    check_model_fits,
+    restore_model_state,
+    restore_rng_state,
+)
 from cluster_trainer.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -92,13 +98,13 @@ def train(
         >>> result = train(load_job("jobs/mlp.py"), "runs/mlp")   # doctest: +SKIP
         >>> result.history["val_loss"][-1]                          # doctest: +SKIP
     """
-    echo = echo or (lambda message: print(message, file=sys.stderr, flush=True))
+    echo = echo or (lambda message: print(f"cluster-trainer: {message}", file=sys.stderr, flush=True))
     if epochs is not None:
         job = dataclasses.replace(job, epochs=epochs)
     if verbose == "auto":
         verbose = 1 if sys.stdout.isatty() else 2
-    strategy = strategy or make_strategy(devices)
     store = CheckpointStore(Storage(storage), keep_last=job.checkpoint.keep_last)
+    strategy = strategy or make_strategy(devices)
     resume = store.load_latest()
     attempt = resume.attempt + 1 if resume else 1
     return _Run(job, store, strategy, resume, attempt, verbose, echo).run()
@@ -135,6 +141,7 @@ class _Run:
         self.position = Position()
         self._last_logs = None  # the last train step's logs, as tensors
         self.last_checkpoint = resume.name if resume else None
+        self.sequence = resume.sequence if resume else 0  # commits so far, over all attempts
 
     # -- set-up ------------------------------------------------------------
 
@@ -204,7 +211,9 @@ class _Run:
             },
             "host": socket.gethostname(),
         }
+        self.sequence += 1
         self.last_checkpoint = self.store.commit(
+            sequence=self.sequence,
             step=self.position.global_step,
             attempt=self.attempt,
             tensors={**tensors, **callback_tensors, **rng_tensors},
@@ -216,7 +225,10 @@ class _Run:
     def run(self) -> RunResult:
         self._build()
         if self.resume is not None:
+            # Every check before the first side effect: a mismatch changes nothing stored.
             self._check_config(self.resume)
+            check_model_fits(self.model, self.resume.state["variables"])
+            callback_state.check_matches(self.stateful_callbacks, self.resume.state["callbacks"])
             callback_state.prepare_resume(self.stateful_callbacks, self.resume.state["callbacks"])
         self.model.stop_training = False
         self.callbacks.on_train_begin()

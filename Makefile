@@ -1,0 +1,34 @@
+# The two commands that set up a fresh machine (see README):
+#   make demo   install, then train the example MLP job on local storage (CPU)
+#   make test   install with test extras, then run the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+RUN ?= runs/mlp
+BIN := $(VENV)/bin
+
+.PHONY: demo test test-fast bench clean
+
+$(BIN)/activate:
+	$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "cluster-trainer needs Python 3.11, this is " + sys.version'
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/activate
+	$(BIN)/pip install --quiet -e '.[test,plot]'
+	touch $@
+
+demo: $(VENV)/.installed
+	$(BIN)/cluster-trainer run jobs/mlp.py --storage $(RUN)
+	$(BIN)/cluster-trainer status $(RUN)
+
+test: $(VENV)/.installed
+	$(BIN)/python -m pytest -n 2
+
+test-fast: $(VENV)/.installed
+	$(BIN)/python -m pytest -n 2 -m "not slow"
+
+bench: $(VENV)/.installed
+	$(BIN)/python -m bench
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

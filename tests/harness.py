@@ -1,0 +1,105 @@
+"""Run the CLI in real subprocesses, park them at exact points, kill them with real signals."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cluster_trainer.checkpoint import Checkpoint, CheckpointStore
+from cluster_trainer.storage import Storage
+
+ROOT = Path(__file__).resolve().parent.parent
+TEST_JOB = str(ROOT / "tests" / "jobs" / "interruptible.py")
+STARTUP_TIMEOUT = 180
+
+
+def cli_env(**extra: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CT_TEST_")}
+    env.update({"TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": str(ROOT)})
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def cli(*args: str, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
+    """Run `python -m cluster_trainer ARGS` to completion."""
+    return subprocess.run(
+        [sys.executable, "-m", "cluster_trainer", *args],
+        env=cli_env(**env),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+
+
+def train_cmd(storage: Path, *extra: str, job: str = TEST_JOB) -> list[str]:
+    return ["run", job, "--storage", str(storage), "--devices", "2", "--verbose", "0", *extra]
+
+
+def run_and_kill_at(storage: Path, pause_at: str, tmp: Path, *extra: str, **env: str) -> None:
+    """Start a run that parks itself at `pause_at` (`hook:global_step`), then SIGKILL it there."""
+    marker = tmp / f"paused-{pause_at.replace(':', '-')}-{time.monotonic_ns()}"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "cluster_trainer", *train_cmd(storage, *extra)],
+        env=cli_env(CT_TEST_PAUSE_AT=pause_at, CT_TEST_PAUSE_MARKER=str(marker), **env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while not marker.exists():
+            if process.poll() is not None:
+                raise AssertionError(f"run exited ({process.returncode}) before pausing at {pause_at}:\n{process.stdout.read()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"run did not reach {pause_at} in {STARTUP_TIMEOUT}s")
+            time.sleep(0.05)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+
+
+def latest(storage: Path) -> Checkpoint:
+    checkpoint = CheckpointStore(Storage(str(storage))).load_latest()
+    assert checkpoint is not None, f"no committed checkpoint under {storage}"
+    return checkpoint
+
+
+def assert_bitwise_equal_runs(reference: Checkpoint, resumed: Checkpoint) -> None:
+    """Every tensor (variables, optimizer, metrics, callback arrays, RNG) and all run state equal."""
+    assert sorted(reference.tensors) == sorted(resumed.tensors)
+    differing = [
+        key
+        for key, expected in reference.tensors.items()
+        if not (
+            expected.dtype == resumed.tensors[key].dtype
+            and expected.shape == resumed.tensors[key].shape
+            and np.array_equal(expected, resumed.tensors[key], equal_nan=True)
+            and expected.tobytes() == resumed.tensors[key].tobytes()
+        )
+    ]
+    assert not differing, f"tensors differ from the uninterrupted run: {differing}"
+    # History, EarlyStopping/ReduceLROnPlateau/ModelCheckpoint decisions, counters, CSV length.
+    assert resumed.state["callbacks"] == reference.state["callbacks"]
+    assert resumed.state["position"] == reference.state["position"]
+    assert resumed.state["rng"] == reference.state["rng"]
+    assert resumed.state["variables"] == reference.state["variables"]
+
+
+def tree_digest(path: Path) -> dict[str, str]:
+    """Content hash of every file below `path`, to prove nothing was changed."""
+    return {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file()
+    }

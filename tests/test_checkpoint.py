@@ -1,0 +1,105 @@
+"""The checkpoint format: manifest-last commit, verification, fallback, retention."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from cluster_trainer.checkpoint import CheckpointStore
+from cluster_trainer.errors import CheckpointError
+from cluster_trainer.storage import Storage
+
+
+def commit(store, sequence, **tensors):
+    return store.commit(sequence=sequence, step=sequence * 10, attempt=1, tensors=tensors, state={"n": sequence})
+
+
+@pytest.fixture
+def store(tmp_path):
+    return CheckpointStore(Storage(str(tmp_path / "run")), keep_last=10, shard_bytes=64)
+
+
+def test_round_trip_keeps_dtypes_shapes_and_scalars(store):
+    tensors = {
+        "scalar_int": np.array(7, dtype="int64"),
+        "scalar_float": np.array(0.25, dtype="float32"),
+        "matrix": np.arange(12, dtype="float32").reshape(3, 4),
+        "seed": np.array([1, 2], dtype="int64"),
+        "flags": np.array([True, False]),
+        "transposed": np.arange(6, dtype="float64").reshape(2, 3).T,  # not C-contiguous
+    }
+    commit(store, 1, **tensors)
+    loaded = store.load_latest()
+    for key, value in tensors.items():
+        assert loaded.tensors[key].dtype == value.dtype and loaded.tensors[key].shape == value.shape
+        assert np.array_equal(loaded.tensors[key], value)
+    assert loaded.state == {"n": 1}
+
+
+def test_tensors_are_split_into_bounded_shards(store):
+    commit(store, 1, a=np.zeros(10, "float32"), b=np.zeros(10, "float32"), big=np.zeros(100, "float32"))
+    manifest = store.load_latest().manifest
+    shards = [f for f in manifest["files"] if f["name"].endswith(".safetensors")]
+    assert len(shards) == 3  # 40 + 40 bytes exceed 64; the 400-byte tensor gets a shard of its own
+
+
+def test_a_checkpoint_without_manifest_does_not_exist(store):
+    commit(store, 1, w=np.ones(2, "float32"))
+    name = commit(store, 2, w=np.full(2, 2.0, "float32"))
+    store.storage.remove(f"checkpoints/{name}/MANIFEST.json")  # as if killed before the commit
+    assert store.load_latest().state == {"n": 1}
+
+
+@pytest.mark.parametrize("damage", ["bit_flip", "truncate", "delete"])
+def test_a_damaged_shard_falls_back_to_the_previous_checkpoint_naming_the_object(store, damage, caplog):
+    commit(store, 1, w=np.ones(4, "float32"))
+    name = commit(store, 2, w=np.full(4, 2.0, "float32"))
+    shard = store.storage.path(f"checkpoints/{name}/shard-00000.safetensors")
+    data = bytearray(open(shard, "rb").read())
+    if damage == "bit_flip":
+        data[-1] ^= 0x01
+        open(shard, "wb").write(data)
+    elif damage == "truncate":
+        open(shard, "wb").write(data[:-3])
+    else:
+        store.storage.remove(f"checkpoints/{name}/shard-00000.safetensors")
+    with caplog.at_level(logging.WARNING):
+        loaded = store.load_latest()
+    assert loaded.state == {"n": 1}
+    assert shard in caplog.text
+    assert store.storage.exists(f"checkpoints/{name}/MANIFEST.json"), "evidence of corruption must be kept"
+
+
+def test_all_checkpoints_corrupt_is_an_error_and_deletes_nothing(store, tmp_path):
+    name = commit(store, 1, w=np.ones(4, "float32"))
+    store.storage.put(f"checkpoints/{name}/state.json", b'{"n": 9}')  # same size, other bytes
+    files_before = sorted(p for p in (tmp_path / "run").rglob("*"))
+    with pytest.raises(CheckpointError, match="no usable checkpoint.*checksum mismatch.*Nothing was deleted"):
+        store.load_latest()
+    assert sorted(p for p in (tmp_path / "run").rglob("*")) == files_before
+
+
+def test_a_manifest_naming_a_path_outside_the_checkpoint_is_refused(store):
+    name = commit(store, 1, w=np.ones(4, "float32"))
+    manifest_path = f"checkpoints/{name}/MANIFEST.json"
+    manifest = json.loads(store.storage.get(manifest_path))
+    manifest["files"][0]["name"] = "../../../etc/passwd"
+    store.storage.put(manifest_path, json.dumps(manifest).encode())
+    with pytest.raises(CheckpointError, match="outside the checkpoint directory"):
+        store.read(name)
+
+
+def test_retention_keeps_the_newest_and_commits_in_sequence_order(tmp_path):
+    store = CheckpointStore(Storage(str(tmp_path / "run")), keep_last=2)
+    names = [commit(store, i, w=np.full(1, i, "float32")) for i in range(1, 6)]
+    assert store.committed() == [names[4], names[3]]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == sorted(names[3:])
+
+
+def test_same_step_twice_gets_two_checkpoints(store):
+    """The last batch of an epoch and the end of that epoch share a global step."""
+    first = store.commit(sequence=1, step=16, attempt=1, tensors={}, state={"phase": "before validation"})
+    second = store.commit(sequence=2, step=16, attempt=1, tensors={}, state={"phase": "epoch end"})
+    assert first != second
+    assert store.load_latest().state == {"phase": "epoch end"}

@@ -1,0 +1,82 @@
+"""The CLI's promises: status, history, export, --set, and one-line errors with exit code 2."""
+
+import io
+import json
+
+import pandas as pd
+import pytest
+
+from harness import ROOT, cli, latest, train_cmd, tree_digest
+
+MLP = str(ROOT / "jobs" / "mlp.py")
+
+
+def test_help_teaches_commands_and_exit_codes():
+    result = cli("--help")
+    assert result.returncode == 0
+    for word in ("run", "status", "history", "export", "exit codes", "75"):
+        assert word in result.stdout
+    run_help = cli("run", "--help").stdout
+    assert "--storage" in run_help and "--set" in run_help and "--devices" in run_help
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run", "no/such/job.py", "--storage", "x"], "job file not found"),
+        (["run", MLP, "--storage", "x", "--set", "nosuch=1"], "no such config key; the job's keys are: lr, units"),
+        (["run", MLP, "--storage", "x", "--set", "units=wide"], "expected a int"),
+        (["run", MLP, "--storage", "nosuchscheme://bucket/run"], "cannot use storage URI"),
+        (["status", "/nonexistent/run"], "no committed checkpoint under /nonexistent/run"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_code_2(args, message, tmp_path):
+    result = cli(*args)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("cluster-trainer: error:"), result.stderr
+    assert message in lines[0]
+
+
+def test_job_file_without_job_names_the_fix(tmp_path):
+    job = tmp_path / "empty.py"
+    job.write_text("x = 1\n")
+    result = cli("run", str(job), "--storage", str(tmp_path / "run"))
+    assert result.returncode == 2
+    assert "defines no module-level `job`; add `job = cluster_trainer.Job(...)`" in result.stderr
+
+
+@pytest.mark.slow
+def test_status_history_and_export_of_a_finished_run(mlp_reference, tmp_path):
+    before = tree_digest(mlp_reference)
+
+    status = cli("status", str(mlp_reference), "--json")
+    assert status.returncode == 0, status.stderr
+    info = json.loads(status.stdout)
+    checkpoint = latest(mlp_reference)
+    assert info["state"] == "complete"
+    assert info["global_step"] == checkpoint.state["position"]["global_step"]
+    assert info["checkpoint"] == checkpoint.name
+
+    history = cli("history", str(mlp_reference), "--format", "csv")
+    assert history.returncode == 0, history.stderr
+    frame = pd.read_csv(io.StringIO(history.stdout))
+    stored = checkpoint.state["callbacks"]["04-History"]
+    assert frame["epoch"].tolist() == stored["epoch"] == list(range(len(stored["epoch"])))
+    assert frame["val_loss"].tolist() == stored["history"]["val_loss"]  # full precision, exactly once
+
+    parquet = tmp_path / "history.parquet"
+    assert cli("history", str(mlp_reference), "--format", "parquet", "-o", str(parquet)).returncode == 0
+    pd.testing.assert_frame_equal(pd.read_parquet(parquet), frame)
+
+    out = tmp_path / "model.keras"
+    export = cli("export", str(mlp_reference), str(out))
+    assert export.returncode == 0, export.stderr
+
+    import keras
+    import numpy as np
+
+    model = keras.models.load_model(out)
+    for i, weight in enumerate(model.trainable_weights):
+        assert np.array_equal(keras.ops.convert_to_numpy(weight), checkpoint.tensors[f"model/trainable/{i:05d}"])
+    assert tree_digest(mlp_reference) == before
