@@ -1,0 +1,125 @@
+"""Loop overhead and checkpoint cost, against plain `model.fit`, in one process.
+
+Same model, data, batch size and MirroredStrategy (2 logical CPU devices) for
+every variant; variants are interleaved and repeated, and each reports the
+median time of its epochs after the first (which includes tracing):
+
+- `fit`: plain `model.fit`, the baseline.
+- `cluster-trainer, no saves`: our loop with checkpoints off.
+- `cluster-trainer, save every N steps`: checkpoints to local disk.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from cluster_trainer.native_logs import import_tensorflow_quietly  # noqa: E402
+
+import_tensorflow_quietly()
+
+from cluster_trainer.devices import make_strategy  # noqa: E402
+
+STRATEGY = make_strategy(2)
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+import cluster_trainer as ct  # noqa: E402
+
+SAMPLES, FEATURES, CLASSES, BATCH = 8192, 64, 10, 128
+SAVE_EVERY = 16
+
+
+class EpochTimer(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.times = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.times.append(time.perf_counter() - self._start)
+
+
+def make_job(width: int, policy: ct.CheckpointPolicy, timer: EpochTimer, epochs: int) -> ct.Job:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(SAMPLES, FEATURES)).astype("float32")
+    y = keras.utils.to_categorical(rng.integers(0, CLASSES, SAMPLES), CLASSES).astype("float32")
+
+    def build(config):
+        model = keras.Sequential(
+            [keras.Input((FEATURES,)), keras.layers.Dense(width, activation="relu"),
+             keras.layers.Dense(width, activation="relu"), keras.layers.Dense(CLASSES, activation="softmax")]
+        )
+        model.compile(optimizer="adam", loss="categorical_crossentropy", metrics=["accuracy"])
+        return model
+
+    return ct.Job(name="bench", build_model=build, train_data=(x, y), callbacks=lambda config: [timer],
+                  epochs=epochs, batch_size=BATCH, seed=0, checkpoint=policy)
+
+
+def run_fit(width: int, epochs: int) -> list[float]:
+    timer = EpochTimer()
+    job = make_job(width, ct.CheckpointPolicy(every_steps=None, every_epoch=False), timer, epochs)
+    keras.utils.set_random_seed(0)
+    with STRATEGY.scope():
+        model = job.build_model({})
+    x, y = job.train_data
+    model.fit(x, y, batch_size=BATCH, epochs=epochs, callbacks=[timer], verbose=0, shuffle=True)
+    return timer.times[1:]
+
+
+def run_loop(width: int, epochs: int, policy: ct.CheckpointPolicy) -> list[float]:
+    timer = EpochTimer()
+    job = make_job(width, policy, timer, epochs)
+    with tempfile.TemporaryDirectory() as run:
+        ct.train(job, run, strategy=STRATEGY, verbose=0, echo=lambda message: None)
+    return timer.times[1:]
+
+
+def main(args) -> None:
+    steps = -(-SAMPLES // BATCH)
+    variants = {
+        "plain model.fit (baseline)": lambda: run_fit(args.width, args.epochs + 1),
+        "cluster-trainer loop, no saves": lambda: run_loop(
+            args.width, args.epochs + 1, ct.CheckpointPolicy(every_steps=None, every_epoch=False)),
+        f"cluster-trainer loop, save every {SAVE_EVERY} steps (synchronous)": lambda: run_loop(
+            args.width, args.epochs + 1, ct.CheckpointPolicy(every_steps=SAVE_EVERY, every_epoch=False, keep_last=2)),
+    }
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for repeat in range(args.repeats):
+        for name, variant in variants.items():
+            times[name] += variant()
+            print(f"repeat {repeat + 1}/{args.repeats}: {name}: median epoch {statistics.median(times[name]):.3f}s",
+                  flush=True)
+    baseline = steps / statistics.median(times["plain model.fit (baseline)"])
+    params = FEATURES * args.width + args.width + args.width * args.width + args.width + args.width * CLASSES + CLASSES
+    rows = [
+        "| variant | steps/s | ratio to fit |",
+        "|---|---:|---:|",
+    ]
+    for name, epoch_times in times.items():
+        rate = steps / statistics.median(epoch_times)
+        rows.append(f"| {name} | {rate:.1f} | {rate / baseline:.3f} |")
+    header = (
+        f"MLP {FEATURES}-{args.width}-{args.width}-{CLASSES} ({params:,} parameters, state with Adam slots "
+        f"~{params * 3 * 4 / 1e6:.1f} MB), {SAMPLES} examples, global batch {BATCH} ({steps} steps/epoch), "
+        f"MirroredStrategy over 2 logical CPU devices; median of {args.repeats} x {args.epochs} timed epochs per variant, "
+        f"interleaved. Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}."
+    )
+    table = header + "\n\n" + "\n".join(rows) + "\n"
+    print("\n" + table)
+    if args.write:
+        path = os.path.join(os.path.dirname(__file__), "..", "docs", "BENCHMARKS.md")
+        text = open(path).read()
+        start, end = "<!-- loop_overhead:start -->", "<!-- loop_overhead:end -->"
+        before, rest = text.split(start)
+        _, after = rest.split(end)
+        open(path, "w").write(f"{before}{start}\n{table}{end}{after}")
