@@ -4,7 +4,10 @@ Same model, data, batch size and MirroredStrategy (2 logical CPU devices) for
 every variant; variants are interleaved and repeated, and each reports the
 median time of its epochs after the first (which includes tracing):
 
-- `fit`: plain `model.fit`, the baseline.
+- `fit` on the same `tf.data` pipeline the loop builds (epoch 0's order,
+  batched): the baseline for the loop's own overhead.
+- `fit` on the numpy arrays: what a user's `fit(x, y)` costs, through Keras's
+  array adapter.
 - `cluster-trainer, no saves`: our loop with checkpoints off.
 - `cluster-trainer, save every N steps`: checkpoints to local disk.
 """
@@ -31,6 +34,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import cluster_trainer as ct  # noqa: E402
+from cluster_trainer.data import ArraySource  # noqa: E402
 
 SAMPLES, FEATURES, CLASSES, BATCH = 8192, 64, 10, 128
 SAVE_EVERY = 16
@@ -65,14 +69,18 @@ def make_job(width: int, policy: ct.CheckpointPolicy, timer: EpochTimer, epochs:
                   epochs=epochs, batch_size=BATCH, seed=0, checkpoint=policy)
 
 
-def run_fit(width: int, epochs: int) -> list[float]:
+def run_fit(width: int, epochs: int, same_pipeline: bool) -> list[float]:
     timer = EpochTimer()
     job = make_job(width, ct.CheckpointPolicy(every_steps=None, every_epoch=False), timer, epochs)
     keras.utils.set_random_seed(0)
     with STRATEGY.scope():
         model = job.build_model({})
-    x, y = job.train_data
-    model.fit(x, y, batch_size=BATCH, epochs=epochs, callbacks=[timer], verbose=0, shuffle=True)
+    if same_pipeline:
+        dataset = ArraySource(job.train_data, shuffle=True).epoch_dataset(0, job.seed, BATCH)
+        model.fit(dataset, epochs=epochs, callbacks=[timer], verbose=0)
+    else:
+        x, y = job.train_data
+        model.fit(x, y, batch_size=BATCH, epochs=epochs, callbacks=[timer], verbose=0, shuffle=True)
     return timer.times[1:]
 
 
@@ -87,7 +95,8 @@ def run_loop(width: int, epochs: int, policy: ct.CheckpointPolicy) -> list[float
 def main(args) -> None:
     steps = -(-SAMPLES // BATCH)
     variants = {
-        "plain model.fit (baseline)": lambda: run_fit(args.width, args.epochs + 1),
+        "model.fit, same tf.data pipeline (baseline)": lambda: run_fit(args.width, args.epochs + 1, True),
+        "model.fit(x, y) on numpy arrays": lambda: run_fit(args.width, args.epochs + 1, False),
         "cluster-trainer loop, no saves": lambda: run_loop(
             args.width, args.epochs + 1, ct.CheckpointPolicy(every_steps=None, every_epoch=False)),
         f"cluster-trainer loop, save every {SAVE_EVERY} steps (synchronous)": lambda: run_loop(
@@ -99,7 +108,7 @@ def main(args) -> None:
             times[name] += variant()
             print(f"repeat {repeat + 1}/{args.repeats}: {name}: median epoch {statistics.median(times[name]):.3f}s",
                   flush=True)
-    baseline = steps / statistics.median(times["plain model.fit (baseline)"])
+    baseline = steps / statistics.median(times["model.fit, same tf.data pipeline (baseline)"])
     params = FEATURES * args.width + args.width + args.width * args.width + args.width + args.width * CLASSES + CLASSES
     rows = [
         "| variant | steps/s | ratio to fit |",
