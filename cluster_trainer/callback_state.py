@@ -14,8 +14,12 @@ kept, per stock callback:
 | History           | epoch, history                                                |
 
 Any other callback (user callbacks, subclasses of stock ones) resumes without
-code changes: its attributes whose values are plain JSON data (numbers,
-strings, lists, dicts) or NumPy arrays are captured and set again. A callback
+code changes: its attributes holding data (numbers, strings, lists, tuples,
+sets, dicts, NumPy arrays, Keras or TF variables) that *changed since the
+callback was constructed* are captured and set again. Attributes that still
+hold their constructed value are configuration, not state: a resumed run keeps
+what the job builds now (so `--set` can change them). Attributes holding
+anything else (a function, a model) are skipped with a warning. A callback
 that defines `get_state()` / `set_state(state)` is captured through those
 instead. Arrays (EarlyStopping's `best_weights`) go to the tensor shards, the
 rest to JSON; nothing is pickled.
@@ -27,21 +31,29 @@ Example:
     ...         self.counter = 0
     ...     def on_train_batch_end(self, batch, logs=None):
     ...         self.counter += 1
-    >>> c = Counter(); c.counter = 7
-    >>> state, tensors = capture([c])
+    >>> c = Counter()
+    >>> before = baseline([c])
+    >>> c.counter = 7
+    >>> state, tensors = capture([c], before)
     >>> d = Counter(); restore([d], state, tensors); d.counter
     7
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import time
 from typing import Any, Sequence
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from cluster_trainer.errors import JobError, StateMismatchError
+
+log = logging.getLogger(__name__)
 
 STOCK_ATTRIBUTES: dict[type, tuple[str, ...]] = {
     keras.callbacks.EarlyStopping: ("wait", "stopped_epoch", "best", "best_weights", "best_epoch"),
@@ -57,7 +69,7 @@ STOCK_ATTRIBUTES: dict[type, tuple[str, ...]] = {
 }
 
 # Attributes every callback has that describe the current process, not the run.
-_NOT_STATE = {"model", "_model", "params", "validation_data"}
+_NOT_STATE = {"model", "_model", "params", "validation_data", "_cluster_trainer_warned"}
 
 
 def tracked(callbacks: Sequence[Any]) -> list:
@@ -85,14 +97,26 @@ def _encode(value: Any, name: str, tensors: dict[str, np.ndarray]) -> Any:
         return value
     if isinstance(value, np.generic):
         return {"__numpy_scalar__": value.dtype.str, "value": value.item()}
+    if isinstance(value, (keras.Variable, tf.Variable)):
+        return {"__variable__": _encode(np.asarray(keras.ops.convert_to_numpy(value)), name, tensors)}
     if isinstance(value, np.ndarray) or keras.ops.is_tensor(value):
-        tensors[name] = np.asarray(keras.ops.convert_to_numpy(value))
+        array = np.array(keras.ops.convert_to_numpy(value), copy=True)  # uploaded in the background
+        if array.dtype.kind in "USO":  # safetensors holds numbers only
+            if array.dtype.kind == "O":
+                raise _Uncapturable("object array")
+            return {"__text_array__": array.dtype.str, "value": array.tolist()}
+        tensors[name] = array
         return {"__tensor__": name}
     if isinstance(value, (list, tuple)):
         items = [_encode(v, f"{name}/{i}", tensors) for i, v in enumerate(value)]
         return items if isinstance(value, list) else {"__tuple__": items}
-    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
-        return {k: _encode(v, f"{name}/{k}", tensors) for k, v in value.items()}
+    if isinstance(value, (set, frozenset)):
+        return {"__set__": [_encode(v, f"{name}/{i}", tensors) for i, v in enumerate(sorted(value, key=repr))]}
+    if isinstance(value, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in value):
+            return {k: _encode(v, f"{name}/{k}", tensors) for k, v in value.items()}
+        return {"__items__": [[_encode(k, f"{name}/k{i}", tensors), _encode(v, f"{name}/v{i}", tensors)]
+                              for i, (k, v) in enumerate(value.items())]}
     raise _Uncapturable(type(value).__name__)
 
 
@@ -106,6 +130,14 @@ def _decode(value: Any, tensors: dict[str, np.ndarray]) -> Any:
             return np.dtype(value["__numpy_scalar__"]).type(value["value"])
         if "__tuple__" in value:
             return tuple(_decode(v, tensors) for v in value["__tuple__"])
+        if "__set__" in value:
+            return {_decode(v, tensors) for v in value["__set__"]}
+        if "__items__" in value:
+            return {_decode(k, tensors): _decode(v, tensors) for k, v in value["__items__"]}
+        if "__text_array__" in value:
+            return np.array(value["value"], dtype=value["__text_array__"])
+        if "__variable__" in value:
+            return _Variable(_decode(value["__variable__"], tensors))
         return {k: _decode(v, tensors) for k, v in value.items()}
     return value
 
@@ -134,23 +166,73 @@ def _before_capture(callback) -> dict[str, Any]:
     return {}
 
 
-def capture(callbacks: Sequence[Any]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    """Capture `callbacks` (as returned by `tracked`) as JSON state plus arrays."""
+class _Variable:
+    """A stored variable's value, assigned into the callback's existing variable on restore."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+def _is_user_state(callback) -> bool:
+    return type(callback) not in STOCK_ATTRIBUTES and not (hasattr(callback, "get_state") and hasattr(callback, "set_state"))
+
+
+def _fingerprint(value: Any) -> str | None:
+    """A comparable form of an attribute value (arrays by content), or None if it is not data."""
+    tensors: dict[str, np.ndarray] = {}
+    try:
+        encoded = _encode(value, "x", tensors)
+    except _Uncapturable:
+        return None
+    digests = {k: (str(v.dtype), v.shape, v.tobytes()) for k, v in tensors.items()}
+    return json.dumps(encoded, sort_keys=True, default=str) + repr(sorted(digests.items()))
+
+
+def baseline(callbacks: Sequence[Any]) -> dict[str, dict[str, str | None]]:
+    """Fingerprints of user callbacks' attributes right after construction (see `capture`)."""
+    return {
+        _key(i, c): {name: _fingerprint(value) for name, value in _attributes(c).items()}
+        for i, c in enumerate(callbacks)
+        if _is_user_state(c)
+    }
+
+
+def capture(
+    callbacks: Sequence[Any], initial: dict[str, dict[str, str | None]] | None = None
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Capture `callbacks` (as returned by `tracked`) as JSON state plus arrays.
+
+    For user callbacks, only attributes that differ from `initial` (their
+    `baseline` right after construction) are captured.
+    """
     state: dict[str, Any] = {}
     tensors: dict[str, np.ndarray] = {}
-    stock_or_explicit = lambda c: type(c) in STOCK_ATTRIBUTES or hasattr(c, "get_state")  # noqa: E731
+    initial = initial or {}
     for index, callback in enumerate(callbacks):
         key = _key(index, callback)
         entry = {"__extra__": _before_capture(callback)}
+        user = _is_user_state(callback)
         for name, value in _attributes(callback).items():
+            if user and name in initial.get(key, {}):
+                fingerprint = _fingerprint(value)
+                if fingerprint is not None and fingerprint == initial[key][name]:
+                    continue  # still as constructed: configuration, not state
             try:
                 entry[name] = _encode(value, f"callbacks/{key}/{name}", tensors)
             except _Uncapturable as e:
-                if stock_or_explicit(callback):
+                if not user:
                     raise JobError(f"callback {key}: state {name!r} holds a {e}, which cannot be stored as data") from None
-                # A user attribute that is not data (a function, a model): not state we can keep.
+                _warn_once(callback, key, name, str(e))
         state[key] = entry
     return state, tensors
+
+
+def _warn_once(callback, key: str, name: str, kind: str) -> None:
+    warned = callback.__dict__.setdefault("_cluster_trainer_warned", set())
+    if name not in warned:
+        warned.add(name)
+        log.warning("callback %s: attribute %r holds a %s, which is not stored with checkpoints; "
+                    "define get_state()/set_state() on the callback if it must survive a restart", key, name, kind)
 
 
 def prepare_resume(callbacks: Sequence[Any], state: dict[str, Any]) -> None:
@@ -174,8 +256,12 @@ def check_matches(callbacks: Sequence[Any], state: dict[str, Any]) -> None:
         )
 
 
-def restore(callbacks: Sequence[Any], state: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
-    """Restore captured state into `callbacks`; call after `on_train_begin`."""
+def restore(callbacks: Sequence[Any], state: dict[str, Any], tensors: dict[str, np.ndarray], mid_epoch: bool = False) -> None:
+    """Restore captured state into `callbacks`; call after `on_train_begin`.
+
+    With `mid_epoch`, also set up what callbacks create in `on_epoch_begin`,
+    which a run resumed inside an epoch does not call again.
+    """
     check_matches(callbacks, state)
     for index, callback in enumerate(callbacks):
         key = _key(index, callback)
@@ -184,7 +270,17 @@ def restore(callbacks: Sequence[Any], state: dict[str, Any], tensors: dict[str, 
             callback.set_state(values)
         else:
             for name, value in values.items():
+                if isinstance(value, _Variable):
+                    existing = getattr(callback, name, None)
+                    if existing is not None and hasattr(existing, "assign"):
+                        existing.assign(value.value)
+                        continue
+                    value = value.value
                 setattr(callback, name, value)
+        if mid_epoch and isinstance(callback, keras.callbacks.TensorBoard):
+            # on_epoch_begin sets these for steps-per-second summaries (the time of the interruption is lost).
+            callback._epoch_start_time = time.time()
+            callback._batch_start_time = time.time()
 
 
 def _file_size(path: str) -> int:

@@ -9,7 +9,14 @@ import os
 import sys
 import textwrap
 
-from cluster_trainer.errors import EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_OK, EXIT_PREEMPTED, ClusterTrainerError
+from cluster_trainer.errors import (
+    EXIT_BAD_INPUT,
+    EXIT_FAILURE,
+    EXIT_OK,
+    EXIT_PREEMPTED,
+    EXIT_SUPERSEDED,
+    ClusterTrainerError,
+)
 
 EXIT_CODES = f"""\
 exit codes:
@@ -17,6 +24,7 @@ exit codes:
   {EXIT_FAILURE}   training failed (an exception in the model, data or a callback)
   {EXIT_BAD_INPUT}   bad input: usage, job file, --set, storage URI, or a checkpoint that
       does not fit the job; nothing stored was changed
+  {EXIT_SUPERSEDED}   superseded: another process resumed this run; this one stopped without writing
   {EXIT_PREEMPTED}  preempted: state was committed; run the same command again to resume
 """
 
@@ -42,9 +50,17 @@ def _parser() -> argparse.ArgumentParser:
         epilog=EXIT_CODES,
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    store = argparse.ArgumentParser(add_help=False)
+    store.add_argument(
+        "--storage-option", dest="storage_options", action="append", default=[], metavar="KEY=VALUE",
+        help="an fsspec option for the store, e.g. endpoint_url=http://127.0.0.1:9000 (repeatable). Prefer the "
+             "clouds' own credentials (ADC, workload identity, AWS profile/IRSA) and AWS_ENDPOINT_URL_S3 / "
+             "STORAGE_EMULATOR_HOST for endpoints; values are never logged",
+    )
 
     run = commands.add_parser(
         "run",
+        parents=[store],
         help="train a job; resumes automatically if --storage holds a checkpoint",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description=textwrap.dedent(
@@ -67,16 +83,16 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--verbose", choices=["0", "1", "2", "auto"], default="auto",
                      help="0 silent, 1 progress bar, 2 one line per epoch (default: 1 on a terminal, else 2)")
 
-    status = commands.add_parser("status", help="where a run is: position, attempt, last metrics")
+    status = commands.add_parser("status", parents=[store], help="where a run is: position, attempt, last metrics")
     status.add_argument("uri", metavar="URI")
     status.add_argument("--json", action="store_true", help="print JSON instead of text")
 
-    history = commands.add_parser("history", help="the run's epoch history, one row per epoch")
+    history = commands.add_parser("history", parents=[store], help="the run's epoch history, one row per epoch")
     history.add_argument("uri", metavar="URI")
     history.add_argument("--format", choices=["csv", "json", "parquet"], default="csv")
     history.add_argument("--output", "-o", metavar="PATH", help="write to PATH instead of stdout (required for parquet)")
 
-    export = commands.add_parser("export", help="write the run's model as a standard .keras file")
+    export = commands.add_parser("export", parents=[store], help="write the run's model as a standard .keras file")
     export.add_argument("uri", metavar="URI")
     export.add_argument("output", metavar="OUT.keras")
     export.add_argument("--job", metavar="JOB.py", help="the job file (default: the path recorded in the run)")
@@ -92,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     package_log.addHandler(handler)
     package_log.setLevel(logging.INFO)
     try:
-        if args.command in ("run", "export") and int(os.environ["TF_CPP_MIN_LOG_LEVEL"] or 0) >= 2:
+        if args.command in ("run", "export") and os.environ["TF_CPP_MIN_LOG_LEVEL"].strip() not in ("0", "1"):
             from cluster_trainer.native_logs import import_tensorflow_quietly
 
             native = import_tensorflow_quietly()
@@ -113,7 +129,10 @@ def _run(args) -> int:
 
     job = load_job(args.job).with_overrides(args.overrides)
     verbose = args.verbose if args.verbose == "auto" else int(args.verbose)
-    result = train(job, args.storage, devices=args.devices, epochs=args.epochs, verbose=verbose)
+    result = train(
+        job, args.storage, devices=args.devices, epochs=args.epochs, verbose=verbose,
+        storage_options=_storage_options(args),
+    )
     last = {k: v[-1] for k, v in result.history.items() if v}
     metrics = ", ".join(f"{k}={v:.6g}" for k, v in sorted(last.items()) if isinstance(v, float))
     print(f"cluster-trainer: run {result.status}: {result.uri} (epoch {result.position.epoch}, "
@@ -126,7 +145,8 @@ def _status(args) -> int:
     from cluster_trainer.history import history_frame, latest_checkpoint
     from cluster_trainer.storage import Storage
 
-    checkpoint = latest_checkpoint(args.uri)
+    options = _storage_options(args)
+    checkpoint = latest_checkpoint(args.uri, options)
     state = checkpoint.state
     position = state["position"]
     history = history_frame(checkpoint)
@@ -141,7 +161,7 @@ def _status(args) -> int:
         "global_step": position["global_step"],
         "attempt": checkpoint.attempt,
         "checkpoint": checkpoint.name,
-        "committed_checkpoints": CheckpointStore(Storage(args.uri)).committed(),
+        "committed_checkpoints": CheckpointStore(Storage(args.uri, options)).committed(),
         "last_epoch": history.iloc[-1].to_dict() if len(history) else None,
     }
     if args.json:
@@ -161,7 +181,7 @@ def _status(args) -> int:
 def _history(args) -> int:
     from cluster_trainer.history import read_history
 
-    frame = read_history(args.uri)
+    frame = read_history(args.uri, _storage_options(args))
     if args.format == "parquet":
         if not args.output:
             raise ClusterTrainerError("--format parquet needs --output PATH (Parquet is binary)")
@@ -179,9 +199,29 @@ def _history(args) -> int:
 def _export(args) -> int:
     from cluster_trainer.export import export_model
 
-    export_model(args.uri, args.output, job_path=args.job)
+    export_model(args.uri, args.output, job_path=args.job, storage_options=_storage_options(args))
     print(f"cluster-trainer: wrote {args.output}", file=sys.stderr)
     return EXIT_OK
+
+
+def _storage_options(args) -> dict:
+    """`--storage-option key=value` pairs; values are typed like `--set` (true, 3, 1.5), else strings."""
+    import ast
+
+    options = {}
+    for item in args.storage_options:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ClusterTrainerError(f"--storage-option expects KEY=VALUE, got {key!r}")
+        lowered = value.lower()
+        if lowered in ("true", "false"):
+            options[key] = lowered == "true"
+        else:
+            try:
+                options[key] = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                options[key] = value
+    return options
 
 
 if __name__ == "__main__":

@@ -31,7 +31,12 @@ class ArraySource:
     def __init__(self, arrays: tuple, shuffle: bool):
         self.arrays = arrays
         self.shuffle = shuffle
-        lengths = {len(a) for a in tf.nest.flatten(arrays)}
+        try:
+            lengths = {len(np.asarray(a)) if np.ndim(a) else -1 for a in tf.nest.flatten(arrays)}
+        except (TypeError, ValueError) as e:
+            raise JobError(f"data arrays must be NumPy arrays (x, y), one row per example: {e}") from None
+        if -1 in lengths:
+            raise JobError("data arrays must have one row per example; got a scalar")
         if len(lengths) != 1:
             raise JobError(f"data arrays have different lengths {sorted(lengths)}; x and y need one row per example")
         self.num_examples = lengths.pop()
@@ -68,7 +73,12 @@ class DatasetSource:
 
     def num_batches(self, batch_size: int) -> int | None:
         cardinality = int(self._build(0, 0).cardinality())
-        if cardinality < 0:  # INFINITE or UNKNOWN: the epoch ends when the data does
+        if cardinality == tf.data.INFINITE_CARDINALITY:
+            raise JobError(
+                "the data builder returns an infinite dataset (.repeat()?): return one epoch's examples; "
+                "the loop builds each epoch itself"
+            )
+        if cardinality < 0:  # UNKNOWN: the epoch ends when the data does
             return None
         return math.ceil(cardinality / batch_size)
 

@@ -8,6 +8,8 @@ and exits with `EXIT_FAILURE`.
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_BAD_INPUT = 2
+# A newer attempt of the same run took over; this process stopped without writing.
+EXIT_SUPERSEDED = 3
 # Reserved for "preempted, resume me" (sysexits' EX_TEMPFAIL): a supervisor
 # should start the same command again.
 EXIT_PREEMPTED = 75

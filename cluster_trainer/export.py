@@ -16,7 +16,7 @@ from cluster_trainer.loop import build_compiled_model
 from cluster_trainer.state import restore_model_state
 
 
-def export_model(uri: str, output: str, job_path: str | None = None) -> keras.Model:
+def export_model(uri: str, output: str, job_path: str | None = None, storage_options: dict | None = None) -> keras.Model:
     """Rebuild the job's model, load the newest checkpoint of `uri` into it, save to `output`.
 
     The job file is needed for the architecture (custom layers are code, and
@@ -28,7 +28,7 @@ def export_model(uri: str, output: str, job_path: str | None = None) -> keras.Mo
     """
     if not output.endswith(".keras"):
         raise JobError(f"export writes the .keras format: name the output file *.keras, got {output!r}")
-    checkpoint = latest_checkpoint(uri)
+    checkpoint = latest_checkpoint(uri, storage_options)
     stored_job = checkpoint.state["job"]
     path = job_path or stored_job.get("source_path")
     if not path or not os.path.isfile(path):

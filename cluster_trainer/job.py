@@ -22,30 +22,49 @@ from cluster_trainer.errors import ConfigError, JobError
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointPolicy:
-    """When checkpoints are committed, and how many are kept.
+    """When checkpoints are committed, which are kept, and how they are written.
 
     Args:
         every_steps: commit after every N training steps (None: never mid-epoch).
         every_epoch: commit at the end of every epoch (after `on_epoch_end`).
-        keep_last: how many committed checkpoints to keep (the newest are kept).
+        keep_last: how many of the newest committed checkpoints to keep.
+        keep_best: an epoch metric (e.g. "val_loss"): also keep the epoch-end
+            checkpoint where it was best.
+        best_mode: "min" or "max", for `keep_best`.
+        keep_every_epochs: also keep the epoch-end checkpoint of every N-th epoch.
+        shard_mb: largest tensor shard, in MiB (shards are written in parallel).
+        max_in_flight: background commits at once; a save beyond waits.
 
     Example:
-        >>> CheckpointPolicy(every_steps=100, every_epoch=True, keep_last=3)
-        CheckpointPolicy(every_steps=100, every_epoch=True, keep_last=3)
+        >>> CheckpointPolicy(every_steps=100, keep_last=2, keep_best="val_loss").retention().keep_best
+        'val_loss'
     """
 
     every_steps: int | None = None
     every_epoch: bool = True
     keep_last: int = 3
+    keep_best: str | None = None
+    best_mode: str = "min"
+    keep_every_epochs: int | None = None
+    shard_mb: int = 64
+    max_in_flight: int = 1
 
     def __post_init__(self):
-        if self.every_steps is not None and self.every_steps < 1:
-            raise JobError(f"CheckpointPolicy.every_steps must be >= 1 or None, got {self.every_steps}")
-        if self.keep_last < 1:
-            raise JobError(f"CheckpointPolicy.keep_last must be >= 1, got {self.keep_last}")
+        if self.every_steps is not None and (not isinstance(self.every_steps, int) or self.every_steps < 1):
+            raise JobError(f"CheckpointPolicy.every_steps must be an integer >= 1, or None; got {self.every_steps!r}")
+        for field in ("keep_last", "shard_mb", "max_in_flight"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value < 1:
+                raise JobError(f"CheckpointPolicy.{field} must be an integer >= 1, got {value!r}")
+        self.retention()  # validates keep_last, best_mode, keep_every_epochs
 
     def due_at_step(self, global_step: int) -> bool:
         return self.every_steps is not None and global_step % self.every_steps == 0
+
+    def retention(self):
+        from cluster_trainer.checkpoint.retention import Retention
+
+        return Retention(self.keep_last, self.keep_best, self.best_mode, self.keep_every_epochs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,15 +73,16 @@ class RunContext:
 
     Attributes:
         uri: the run's storage URI.
-        attempt: 1 for the first process of a run, 2 after the first resume, ...
+        files_dir: a local directory for files callbacks write; it is kept with
+            the run (`<run>/files/`, mirrored there on object stores).
     """
 
     uri: str
-    attempt: int
+    files_dir: str
 
     def path(self, *parts: str) -> str:
-        """A path under the run, e.g. `run.path("tensorboard")` for TensorBoard's log_dir."""
-        return "/".join([self.uri.rstrip("/"), *parts])
+        """A local path for a file kept with the run, e.g. `run.path("tensorboard")` for TensorBoard."""
+        return os.path.join(self.files_dir, *parts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,8 +141,10 @@ class Job:
         if self.callbacks is not None and not callable(self.callbacks):
             raise JobError("Job.callbacks must be a function callbacks(config[, run]) returning a list of Keras callbacks")
         for field, value in (("epochs", self.epochs), ("batch_size", self.batch_size)):
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise JobError(f"Job.{field} must be a positive integer, got {value!r}")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**32:
+            raise JobError(f"Job.seed must be an integer from 0 to 2**32 - 1, got {self.seed!r}")
         if not isinstance(self.checkpoint, CheckpointPolicy):
             raise JobError("Job.checkpoint must be a cluster_trainer.CheckpointPolicy")
         object.__setattr__(self, "config", dict(self.config))

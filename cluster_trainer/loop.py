@@ -30,7 +30,7 @@ import numpy as np
 import tensorflow as tf
 
 from cluster_trainer import callback_state
-from cluster_trainer.checkpoint import Checkpoint, CheckpointStore
+from cluster_trainer.checkpoint import Checkpoint, CheckpointStore, CheckpointWriter, register_attempt
 from cluster_trainer.data import as_source
 from cluster_trainer.devices import enable_determinism, make_strategy
 from cluster_trainer.errors import CheckpointError, JobError
@@ -42,6 +42,7 @@ from cluster_trainer.state import (
     restore_model_state,
     restore_rng_state,
 )
+from cluster_trainer.run_files import RunFiles
 from cluster_trainer.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ def train(
     epochs: int | None = None,
     verbose: int | str = "auto",
     strategy: tf.distribute.Strategy | None = None,
+    storage_options: dict | None = None,
     echo: Callable[[str], None] | None = None,
 ) -> RunResult:
     """Run `job` to the end, storing checkpoints under `storage`; resume if it holds one.
@@ -92,6 +94,7 @@ def train(
         epochs: override `job.epochs` (e.g. to extend a finished run).
         verbose: 0 silent, 1 progress bar, 2 one line per epoch, "auto".
         strategy: an existing strategy (overrides `devices`).
+        storage_options: fsspec options for the store (e.g. `{"endpoint_url": ...}`).
         echo: where to print one-line run messages (default: stderr).
 
     Example:
@@ -103,11 +106,17 @@ def train(
         job = dataclasses.replace(job, epochs=epochs)
     if verbose == "auto":
         verbose = 1 if sys.stdout.isatty() else 2
-    store = CheckpointStore(Storage(storage), keep_last=job.checkpoint.keep_last)
+    run_storage = Storage(storage, storage_options)
+    run_storage.check()
+    policy = job.checkpoint
+    store = CheckpointStore(run_storage, policy.retention(), shard_bytes=policy.shard_mb * 2**20)
     strategy = strategy or make_strategy(devices)
     resume = store.load_latest()
-    attempt = resume.attempt + 1 if resume else 1
-    return _Run(job, store, strategy, resume, attempt, verbose, echo).run()
+    run = _Run(job, store, strategy, resume, verbose, echo)
+    try:
+        return run.run()
+    finally:
+        run.writer.close()
 
 
 def build_compiled_model(job: Job, strategy: tf.distribute.Strategy, train_source) -> keras.Model:
@@ -123,25 +132,31 @@ def build_compiled_model(job: Job, strategy: tf.distribute.Strategy, train_sourc
             raise JobError(f"build_model returned {type(model).__name__}, not a keras.Model")
         if model.optimizer is None:
             raise JobError("build_model must return a compiled model: call model.compile(...) in it")
+        if getattr(model, "steps_per_execution", 1) != 1:
+            raise JobError(
+                "compile(steps_per_execution>1) is not supported: callbacks and checkpoints run between single "
+                "steps here; compile with steps_per_execution=1"
+            )
         first = next(iter(train_source.epoch_dataset(0, job.seed, job.batch_size)))
         model._symbolic_build(data_batch=first)
     return model
 
 
 class _Run:
-    def __init__(self, job: Job, store: CheckpointStore, strategy, resume: Checkpoint | None, attempt: int, verbose, echo):
+    def __init__(self, job: Job, store: CheckpointStore, strategy, resume: Checkpoint | None, verbose, echo):
         self.job = job
         self.store = store
         self.strategy = strategy
         self.resume = resume
-        self.attempt = attempt
         self.verbose = verbose
         self.echo = echo
         self.uri = store.storage.uri
+        self.attempt: int | None = None  # registered once every check has passed
         self.position = Position()
         self._last_logs = None  # the last train step's logs, as tensors
-        self.last_checkpoint = resume.name if resume else None
-        self.sequence = resume.sequence if resume else 0  # commits so far, over all attempts
+        self.writer = CheckpointWriter(store, max_in_flight=job.checkpoint.max_in_flight)
+        self.writer.last_committed = resume.name if resume else None
+        self.files = RunFiles(store.storage)
 
     # -- set-up ------------------------------------------------------------
 
@@ -159,8 +174,9 @@ class _Run:
             self.model.make_train_function()
             if self.val_source is not None:
                 self.model.make_test_function()
-        run_root = self.store.storage.local_path() or self.uri
-        self.run_context = RunContext(uri=run_root, attempt=self.attempt)
+        if self.resume is not None:
+            self.files.restore()
+        self.run_context = RunContext(uri=self.uri, files_dir=self.files.local_dir)
         user_callbacks = job.make_callbacks(self.run_context)
         self.callbacks = keras.callbacks.CallbackList(
             user_callbacks,
@@ -172,19 +188,23 @@ class _Run:
             model=self.model,
         )
         self.stateful_callbacks = callback_state.tracked(self.callbacks.callbacks)
+        # What each user callback holds right after construction: only what changes after it is run state.
+        self.callback_baseline = callback_state.baseline(self.stateful_callbacks)
         self.progbar = next((c for c in self.callbacks.callbacks if isinstance(c, keras.callbacks.ProgbarLogger)), None)
 
     def _restore(self, checkpoint: Checkpoint) -> None:
         state = checkpoint.state
         restore_model_state(self.model, checkpoint.tensors, state["variables"])
-        callback_state.restore(self.stateful_callbacks, state["callbacks"], checkpoint.tensors)
-        restore_rng_state(state["rng"], checkpoint.tensors)
         self.position = Position(**state["position"])
+        callback_state.restore(self.stateful_callbacks, state["callbacks"], checkpoint.tensors,
+                               mid_epoch=self.position.batch > 0)
+        restore_rng_state(state["rng"], checkpoint.tensors)
         self.model.stop_training = self.position.stop_training
 
     # -- checkpoints ---------------------------------------------------------
 
-    def _commit(self) -> None:
+    def _commit(self, epoch_logs: dict | None = None) -> None:
+        """Copy the state to host memory and queue its commit; the upload runs in the background."""
         flush = getattr(self.callbacks, "_flush_futures", None)
         if flush is not None:  # async batch-end callbacks must have run before their state is read
             flush()
@@ -192,7 +212,7 @@ class _Run:
         if self._last_logs is not None:
             self.position.train_logs = _pythonify(self._last_logs)
         tensors, variables = capture_model_state(self.model)
-        callbacks, callback_tensors = callback_state.capture(self.stateful_callbacks)
+        callbacks, callback_tensors = callback_state.capture(self.stateful_callbacks, self.callback_baseline)
         rng, rng_tensors = capture_rng_state()
         state = {
             "position": dataclasses.asdict(self.position),
@@ -211,13 +231,18 @@ class _Run:
             },
             "host": socket.gethostname(),
         }
+        if self.writer.last_error is not None:
+            self.files.forget_uploads()
         self.sequence += 1
-        self.last_checkpoint = self.store.commit(
+        self.writer.save(
             sequence=self.sequence,
             step=self.position.global_step,
             attempt=self.attempt,
             tensors={**tensors, **callback_tensors, **rng_tensors},
             state=state,
+            metrics=_pythonify(epoch_logs) if epoch_logs else None,
+            epoch_end=self.position.epoch if epoch_logs is not None else None,
+            extra_files=self.files.snapshot(),
         )
 
     # -- the loop --------------------------------------------------------------
@@ -225,25 +250,35 @@ class _Run:
     def run(self) -> RunResult:
         self._build()
         if self.resume is not None:
-            # Every check before the first side effect: a mismatch changes nothing stored.
+            # Every check before the first write: a mismatch changes nothing stored.
             self._check_config(self.resume)
             check_model_fits(self.model, self.resume.state["variables"])
             callback_state.check_matches(self.stateful_callbacks, self.resume.state["callbacks"])
+            position = Position(**self.resume.state["position"])
+            if position.finished and (position.stop_training or position.epoch >= self.job.epochs):
+                # Before on_train_begin: a no-op rerun opens no files and starts no callbacks.
+                self.echo(f"run at {self.uri} is already complete (epoch {position.epoch}, global step "
+                          f"{position.global_step}); nothing to do (pass --epochs N to train further)")
+                history = next((s for k, s in self.resume.state["callbacks"].items() if k.endswith("-History")), {})
+                return RunResult(self.uri, "already_complete", self.resume.attempt, position,
+                                 history.get("history", {}), self.resume.name)
+        # Registered before anything is written: from now on an older process of this run cannot commit.
+        self.attempt = register_attempt(self.store.storage, resumed_from_sequence=self.resume.sequence if self.resume else 0)
+        self.sequence = self.store.highest_sequence()  # past anything written, committed or not
+        if self.resume is not None:
             callback_state.prepare_resume(self.stateful_callbacks, self.resume.state["callbacks"])
         self.model.stop_training = False
         self.callbacks.on_train_begin()
         if self.resume is not None:
             self._restore(self.resume)
             p = self.position
-            if p.finished and (p.stop_training or p.epoch >= self.job.epochs):
-                self.echo(f"run at {self.uri} is already complete (epoch {p.epoch}, global step {p.global_step}); nothing to do")
-                return self._result("already_complete")
             self.echo(
                 f"resuming run {self.job.name!r} at {self.uri} from {self.resume.name}: "
                 f"epoch {p.epoch + 1}, batch {p.batch} (global step {p.global_step}), attempt {self.attempt}"
             )
         else:
-            self.echo(f"starting run {self.job.name!r} at {self.uri} (attempt 1, {self.strategy.num_replicas_in_sync} replica(s))")
+            self.echo(f"starting run {self.job.name!r} at {self.uri} (attempt {self.attempt}, "
+                      f"{self.strategy.num_replicas_in_sync} replica(s))")
         self.position.finished = False
 
         training_logs = None
@@ -268,7 +303,7 @@ class _Run:
             self.position = dataclasses.replace(self.position, epoch=epoch + 1, batch=0, train_logs=None)
             self._last_logs = None
             if self.job.checkpoint.every_epoch:
-                self._commit()
+                self._commit(epoch_logs)
             if self.model.stop_training:
                 break
 
@@ -276,17 +311,22 @@ class _Run:
         self.callbacks.on_train_end(logs=training_logs)
         self.position.finished = True
         self._commit()
+        self.writer.wait()
+        if self.writer.stall_seconds > 0.5:
+            self.echo(f"training waited {self.writer.stall_seconds:.1f}s in total for checkpoint uploads")
         return self._result("completed")
 
     def _train_epoch(self, epoch: int):
         """Train from `position.batch` to the end of `epoch`; returns the last step's logs."""
         job = self.job
         start = self.position.batch
+        logs = self.position.train_logs
+        if self.model.stop_training and start > 0:
+            return logs  # the run was stopped right after batch `start - 1`; fit would not train on
         dataset = self.train_source.epoch_dataset(epoch, job.seed, job.batch_size, start_batch=start)
         iterator = iter(self.strategy.experimental_distribute_dataset(dataset))
-        logs = self.position.train_logs
         batch = start
-        while not self.model.stop_training:
+        while True:
             try:
                 data = next(iterator)
             except (StopIteration, tf.errors.OutOfRangeError):
@@ -300,11 +340,14 @@ class _Run:
             self.position = dataclasses.replace(self.position, batch=batch, global_step=self.position.global_step + 1)
             if job.checkpoint.due_at_step(self.position.global_step):
                 self._commit()
+            if self.model.stop_training:
+                break
         return logs
 
     def _evaluate(self) -> dict:
         """Validation as `Model.evaluate` runs it inside `fit`, through the same callbacks."""
         job = self.job
+        self.model.stop_evaluating = False
         self.callbacks.on_test_begin()
         logs = {}
         self.model.reset_metrics()
@@ -315,6 +358,8 @@ class _Run:
             logs = self.model.test_function([data])
             self.callbacks.on_test_batch_end(batch, logs)
             batch += 1
+            if self.model.stop_evaluating:
+                break
         logs = _pythonify(self.model._get_metrics_result_or_logs(logs))
         self.callbacks.on_test_end(logs)
         return logs
@@ -339,7 +384,7 @@ class _Run:
             attempt=self.attempt,
             position=self.position,
             history=dict(history.history) if history else {},
-            checkpoint=self.last_checkpoint,
+            checkpoint=self.writer.last_committed,
         )
 
 

@@ -100,10 +100,11 @@ def capture_model_state(model) -> tuple[dict[str, np.ndarray], list[dict]]:
         variable = entry.pop("variable")
         parts = _replica_parts(variable)
         if parts is not None:
-            tensors[entry["key"]] = np.stack([np.asarray(p.numpy()) for p in parts])
+            tensors[entry["key"]] = np.stack([np.array(p.numpy(), copy=True) for p in parts])
             entry["replicas"] = len(parts)
         else:
-            tensors[entry["key"]] = np.asarray(keras.ops.convert_to_numpy(variable.value))
+            # A real copy: the upload runs in the background while training updates the variable.
+            tensors[entry["key"]] = np.array(keras.ops.convert_to_numpy(variable.value), copy=True)
         index.append(entry)
     return tensors, index
 

@@ -1,46 +1,120 @@
-"""Storage of a run through fsspec: one place for URIs, atomic puts and listing.
+"""Storage of a run through fsspec: URIs, atomic and parallel puts, retries, listing.
 
 A run lives under one URI: a local path, `file://`, `memory://` (tests),
-and, through gcsfs and s3fs, `gs://` and `s3://`. Everything above this module
-speaks in paths relative to the run.
+`gs://` (gcsfs) and `s3://` (s3fs). Everything above this module speaks in
+paths relative to the run.
 
-Atomic put: on object stores a single PUT of the whole object is atomic (it is
-visible whole or not at all). Locally a file is written beside its target,
-fsynced and renamed over it. Never stream into the final name: fsspec commits a
-partially written object when an exception leaves `with fs.open(...)`.
+Credentials come from each cloud's standard mechanisms: application default
+credentials or workload identity for GCS, the AWS environment, profile or IRSA
+for S3. Endpoints for emulators and S3-compatible stores too:
+`AWS_ENDPOINT_URL_S3`, `STORAGE_EMULATOR_HOST`, fsspec's
+`FSSPEC_<PROTOCOL>_<OPTION>` environment variables, or explicit storage
+options (`--storage-option endpoint_url=...`). Option values are never
+logged or stored.
+
+Atomic put: on object stores a single PUT of a whole object is atomic (visible
+whole or not at all). Locally a file is written beside its target, fsynced and
+renamed over it. Never stream into the final name: fsspec commits a partially
+written object when an exception leaves `with fs.open(...)`.
+
+Transient errors (timeouts, resets, 408/429/5xx) are retried with exponential
+backoff and jitter, a bounded number of times; anything else fails at once.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import dataclasses
+import errno
+import logging
 import os
 import posixpath
+import random
+import time
 import uuid
+from typing import Callable, Iterable, TypeVar
 
-import fsspec
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # else gcsfs waits 30-90 s on a gRPC probe
 
-from cluster_trainer.errors import StorageError
+import fsspec  # noqa: E402
+
+from cluster_trainer.errors import StorageError  # noqa: E402
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
+_TRANSIENT_ERRNO = {errno.ECONNRESET, errno.ECONNREFUSED, errno.ETIMEDOUT, errno.EPIPE, errno.EIO, errno.EAGAIN}
+_TRANSIENT_NAMES = {
+    "ServerDisconnectedError", "ClientConnectorError", "ClientOSError", "ClientPayloadError",
+    "EndpointConnectionError", "ReadTimeoutError", "ConnectTimeoutError", "ConnectionClosedError",
+    "ResponseStreamingError", "IncompleteReadError", "ChecksumError", "TransportError",
+}  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryPolicy:
+    """Bounded exponential backoff with full jitter for transient store errors."""
+
+    attempts: int = 6
+    base_seconds: float = 0.2
+    max_seconds: float = 5.0
+
+    def delays(self) -> Iterable[float]:
+        for attempt in range(self.attempts - 1):
+            yield random.uniform(0, min(self.max_seconds, self.base_seconds * 2**attempt))
+
+
+def is_transient(error: BaseException) -> bool:
+    """Whether retrying `error` may succeed (network trouble, throttling, a 5xx)."""
+    if isinstance(error, (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    if isinstance(error, (TimeoutError, ConnectionError)):
+        return True
+    if type(error).__name__ in _TRANSIENT_NAMES:
+        return True
+    status = getattr(error, "code", None) or getattr(error, "status", None)
+    response = getattr(error, "response", None)
+    if isinstance(response, dict):
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode", status)
+    if isinstance(status, int) and status in _TRANSIENT_STATUS:
+        return True
+    if isinstance(error, OSError) and error.errno in _TRANSIENT_ERRNO:
+        return True
+    cause = error.__cause__ or error.__context__
+    return cause is not None and cause is not error and is_transient(cause)
 
 
 class Storage:
     """The files of one run, addressed relative to its URI.
 
+    Args:
+        uri: the run's URI.
+        storage_options: passed to the fsspec filesystem (e.g. `endpoint_url`).
+        retry: the `RetryPolicy` for transient errors.
+
     Example:
         >>> s = Storage("memory://doc-example/run")
         >>> s.put("a/b.json", b"{}")
-        >>> s.get("a/b.json"), s.list_dirs("a"), s.list_dirs("missing")
-        (b'{}', [], [])
+        >>> s.put_many({"a/c.bin": b"1", "a/d.bin": b"2"})
+        >>> s.get("a/b.json"), s.get_many(["a/c.bin", "a/d.bin"]), s.list_dirs("missing")
+        (b'{}', {'a/c.bin': b'1', 'a/d.bin': b'2'}, [])
     """
 
-    def __init__(self, uri: str, **storage_options):
+    def __init__(self, uri: str, storage_options: dict | None = None, retry: RetryPolicy = RetryPolicy()):
         self.uri = uri
+        self.retry = retry
         try:
-            self.fs, self.root = fsspec.core.url_to_fs(uri, **storage_options)
+            self.fs, self.root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
         except (ValueError, ImportError) as e:
             raise StorageError(
                 f"cannot use storage URI {uri!r}: {e}. Use a local path, file://, gs://BUCKET/PATH or s3://BUCKET/PATH"
             ) from None
+        except TypeError as e:
+            raise StorageError(f"storage options do not fit {uri.split('://')[0]}://: {e}") from None
         self.root = self.root.rstrip("/") or "/"
         self.is_local = "file" in _protocols(self.fs)
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="storage")
 
     def local_path(self) -> str | None:
         """The run's directory when the storage is the local disk, else None."""
@@ -49,59 +123,138 @@ class Storage:
     def path(self, relative: str = "") -> str:
         return posixpath.join(self.root, relative) if relative else self.root
 
-    def put(self, relative: str, data: bytes) -> None:
-        """Write `data` to `relative` atomically: readers see the old object, or all of the new one."""
-        target = self.path(relative)
-        if not self.is_local:
-            self.fs.pipe_file(target, data)
+    # -- retries and error translation -----------------------------------------
+
+    def _call(self, what: str, fn: Callable[[], T]) -> T:
+        delays = iter(self.retry.delays())
+        while True:
+            try:
+                return fn()
+            except Exception as e:
+                if not is_transient(e):
+                    raise self._translate(e) from e
+                delay = next(delays, None)
+                if delay is None:
+                    raise
+                log.warning("%s: %s: %s; retrying in %.2fs", what, type(e).__name__, e, delay)
+                time.sleep(delay)
+
+    def _translate(self, error: Exception) -> Exception:
+        """Turn "no bucket" and "no credentials" into errors that say what to do."""
+        name = type(error).__name__
+        if name in ("NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError", "RefreshError"):
+            return StorageError(
+                f"no credentials for {self.uri}: for s3:// set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE or IRSA; "
+                "for gs:// run `gcloud auth application-default login` or use workload identity"
+            )
+        if isinstance(error, FileNotFoundError) and not self.is_local and "bucket" in str(error).lower() + self._bucket_hint(error):
+            return StorageError(f"bucket {self.root.split('/')[0]!r} of {self.uri} does not exist: create it or fix the URI")
+        return error
+
+    def _bucket_hint(self, error: Exception) -> str:
+        bucket = self.root.split("/")[0]
+        return "bucket" if f"/b/{bucket}/" in str(error) or str(error).startswith(f"b/{bucket}/") else ""
+
+    def check(self) -> None:
+        """Fail early, with one line, if the bucket is missing or there are no credentials."""
+        if self.is_local:
             return
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        temporary = f"{target}.tmp-{uuid.uuid4().hex}"
-        try:
-            with open(temporary, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(temporary, target)
-        except BaseException:
-            if os.path.exists(temporary):
-                os.remove(temporary)
-            raise
-        _fsync_directory(os.path.dirname(target))
+        self._call(f"list {self.uri}", lambda: self.fs.ls(self.root.split("/")[0], detail=False))
+
+    # -- reads and writes ------------------------------------------------------
+
+    def put(self, relative: str, data: bytes, *, exclusive: bool = False) -> None:
+        """Write `data` to `relative` atomically: readers see no object, or all of it.
+
+        With `exclusive`, fail with FileExistsError if the object exists (local
+        exclusive link, S3 `If-None-Match: *`; a store that ignores
+        preconditions, like the GCS emulator, gives no such guarantee).
+        """
+        target = self.path(relative)
+        if self.is_local:
+            self._call(f"write {target}", lambda: _local_atomic_write(target, data, exclusive))
+        else:
+            mode = "create" if exclusive else "overwrite"
+            self._call(f"write {target}", lambda: self.fs.pipe_file(target, data, mode=mode))
+
+    def put_many(self, items: dict[str, bytes]) -> None:
+        """Write several objects in parallel (each atomically)."""
+        futures = [self._pool.submit(self.put, relative, data) for relative, data in items.items()]
+        for future in futures:
+            future.result()
 
     def get(self, relative: str) -> bytes:
-        return self.fs.cat_file(self.path(relative))
+        target = self.path(relative)
+        return self._call(f"read {target}", lambda: self.fs.cat_file(target))
+
+    def get_many(self, relatives: list[str]) -> dict[str, bytes]:
+        """Read several objects in parallel."""
+        futures = {relative: self._pool.submit(self.get, relative) for relative in relatives}
+        return {relative: future.result() for relative, future in futures.items()}
 
     def exists(self, relative: str) -> bool:
-        return self.fs.exists(self.path(relative))
-
-    def size(self, relative: str) -> int:
-        return int(self.fs.size(self.path(relative)))
+        target = self.path(relative)
+        return self._call(f"stat {target}", lambda: self.fs.exists(target))
 
     def list_dirs(self, relative: str) -> list[str]:
         """Names of the directories directly under `relative` (empty if it does not exist)."""
+        target = self.path(relative)
         try:
-            entries = self.fs.ls(self.path(relative), detail=True)
+            entries = self._call(f"list {target}", lambda: self.fs.ls(target, detail=True, refresh=True))
         except FileNotFoundError:
             return []
         return sorted(posixpath.basename(e["name"].rstrip("/")) for e in entries if e["type"] == "directory")
 
-    def remove_tree(self, relative: str) -> None:
+    def list_files(self, relative: str, maxdepth: int | None = None) -> list[str]:
+        """Paths (relative to the run) of every object below `relative`, in one listing where the store allows."""
+        target = self.path(relative)
         try:
-            self.fs.rm(self.path(relative), recursive=True)
+            found = self._call(f"list {target}", lambda: self.fs.find(target, maxdepth=maxdepth, withdirs=False))
+        except FileNotFoundError:
+            return []
+        prefix = self.root.rstrip("/") + "/"
+        return sorted(p[len(prefix) :] if p.startswith(prefix) else p for p in found)
+
+    def remove(self, relative: str) -> None:
+        target = self.path(relative)
+        try:
+            self._call(f"delete {target}", lambda: self.fs.rm_file(target))
         except FileNotFoundError:
             pass
 
-    def remove(self, relative: str) -> None:
+    def remove_tree(self, relative: str) -> None:
+        target = self.path(relative)
         try:
-            self.fs.rm_file(self.path(relative))
+            self._call(f"delete {target}", lambda: self.fs.rm(target, recursive=True))
         except FileNotFoundError:
             pass
+        if self.is_local and os.path.isdir(target):  # fsspec leaves emptied directories behind locally
+            os.rmdir(target)
 
 
 def _protocols(fs) -> tuple:
     protocol = fs.protocol
     return protocol if isinstance(protocol, tuple) else (protocol,)
+
+
+def _local_atomic_write(target: str, data: bytes, exclusive: bool) -> None:
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    temporary = f"{target}.tmp-{uuid.uuid4().hex}"
+    try:
+        with open(temporary, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if exclusive:
+            os.link(temporary, target)  # fails with FileExistsError if target exists: atomic exclusive create
+            os.remove(temporary)
+        else:
+            os.replace(temporary, target)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+    _fsync_directory(os.path.dirname(target))
 
 
 def _fsync_directory(path: str) -> None:

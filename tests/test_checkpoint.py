@@ -6,7 +6,7 @@ import logging
 import numpy as np
 import pytest
 
-from cluster_trainer.checkpoint import CheckpointStore
+from cluster_trainer.checkpoint import CheckpointStore, Retention
 from cluster_trainer.errors import CheckpointError
 from cluster_trainer.storage import Storage
 
@@ -17,7 +17,7 @@ def commit(store, sequence, **tensors):
 
 @pytest.fixture
 def store(tmp_path):
-    return CheckpointStore(Storage(str(tmp_path / "run")), keep_last=10, shard_bytes=64)
+    return CheckpointStore(Storage(str(tmp_path / "run")), Retention(keep_last=10), shard_bytes=64)
 
 
 def test_round_trip_keeps_dtypes_shapes_and_scalars(store):
@@ -37,11 +37,18 @@ def test_round_trip_keeps_dtypes_shapes_and_scalars(store):
     assert loaded.state == {"n": 1}
 
 
-def test_tensors_are_split_into_bounded_shards(store):
-    commit(store, 1, a=np.zeros(10, "float32"), b=np.zeros(10, "float32"), big=np.zeros(100, "float32"))
-    manifest = store.load_latest().manifest
-    shards = [f for f in manifest["files"] if f["name"].endswith(".safetensors")]
-    assert len(shards) == 3  # 40 + 40 bytes exceed 64; the 400-byte tensor gets a shard of its own
+def test_shards_are_bounded_and_a_tensor_larger_than_a_shard_is_split_and_joined(store):
+    big = np.arange(100, dtype="float32").reshape(25, 4)  # 400 bytes, shard bound 64
+    commit(store, 1, a=np.zeros(10, "float32"), b=np.ones(10, "float32"), big=big)
+    loaded = store.load_latest()
+    shard_files = {f for f in loaded.manifest["tensors"].values()}
+    assert len(shard_files) > 3
+    for entry in loaded.manifest["files"]:
+        if entry["name"].endswith(".safetensors"):
+            assert entry["size"] < 64 + 200  # tensor bytes within the bound, plus the safetensors header
+    assert any("@@part/" in key for key in loaded.manifest["tensors"])
+    assert loaded.tensors["big"].dtype == big.dtype and np.array_equal(loaded.tensors["big"], big)
+    assert sorted(loaded.tensors) == ["a", "b", "big"]
 
 
 def test_a_checkpoint_without_manifest_does_not_exist(store):
@@ -91,7 +98,7 @@ def test_a_manifest_naming_a_path_outside_the_checkpoint_is_refused(store):
 
 
 def test_retention_keeps_the_newest_and_commits_in_sequence_order(tmp_path):
-    store = CheckpointStore(Storage(str(tmp_path / "run")), keep_last=2)
+    store = CheckpointStore(Storage(str(tmp_path / "run")), Retention(keep_last=2))
     names = [commit(store, i, w=np.full(1, i, "float32")) for i in range(1, 6)]
     assert store.committed() == [names[4], names[3]]
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == sorted(names[3:])

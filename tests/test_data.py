@@ -52,3 +52,14 @@ def test_a_dataset_instead_of_a_builder_names_the_fix():
         as_source(tf.data.Dataset.range(3), shuffle=True, what="train_data")
     with pytest.raises(JobError, match="different lengths"):
         as_source((X, Y[:10]), shuffle=True, what="train_data")
+
+
+def test_an_infinite_builder_is_refused_instead_of_training_forever():
+    source = DatasetSource(lambda epoch, seed: tf.data.Dataset.from_tensor_slices((X, Y)).repeat())
+    with pytest.raises(JobError, match="infinite dataset"):
+        source.num_batches(8)
+
+
+def test_nested_lists_are_a_job_error():
+    with pytest.raises(JobError, match="one row per example"):
+        as_source(([[1, 2], [3, 4]], 5), shuffle=True, what="train_data")

@@ -50,16 +50,16 @@ def test_job_validation_names_the_field():
         ct.Job(name="x", build_model=lambda c: None, train_data=data, epochs=0)
     with pytest.raises(JobError, match="build_model must be a function"):
         ct.Job(name="x", build_model="model", train_data=data)
-    with pytest.raises(JobError, match="every_steps must be >= 1"):
+    with pytest.raises(JobError, match="every_steps must be an integer >= 1, or None; got 0"):
         ct.CheckpointPolicy(every_steps=0)
 
 
 def test_callbacks_may_take_the_run_context():
     data = (np.zeros((4, 2), "float32"), np.zeros((4, 1), "float32"))
-    run = ct.RunContext(uri="/runs/x", attempt=2)
+    run = ct.RunContext(uri="/runs/x", files_dir="/runs/x/files")
     with_run = ct.Job(name="x", build_model=lambda c: None, train_data=data, callbacks=lambda config, run: [run.path("tb")])
     config_only = ct.Job(name="x", build_model=lambda c: None, train_data=data, callbacks=lambda config: ["cb"])
-    assert with_run.make_callbacks(run) == ["/runs/x/tb"]
+    assert with_run.make_callbacks(run) == ["/runs/x/files/tb"]
     assert config_only.make_callbacks(run) == ["cb"]
 
 
@@ -67,3 +67,15 @@ def test_variable_keys_ignore_auto_generated_names():
     assert stable_path("sequential_3/dense_12/kernel") == "sequential/dense/kernel"
     assert stable_path("adam/sequential_1_dense_2_kernel_momentum") == "adam/sequential_dense_kernel_momentum"
     assert stable_path("my_model/conv_3x3/bias") == "my_model/conv_3x3/bias"
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, 1.5, "7"])
+def test_a_seed_out_of_range_is_a_job_error(seed):
+    data = (np.zeros((4, 2), "float32"), np.zeros((4, 1), "float32"))
+    with pytest.raises(JobError, match="Job.seed must be an integer from 0 to 2\\*\\*32 - 1"):
+        ct.Job(name="x", build_model=lambda c: None, train_data=data, seed=seed)
+
+
+def test_a_string_step_interval_is_a_job_error():
+    with pytest.raises(JobError, match="every_steps must be an integer"):
+        ct.CheckpointPolicy(every_steps="10")

@@ -51,11 +51,11 @@ def test_cnn_resume_mid_epoch_continues_dropout_counter_tensorboard_and_csv(cnn_
     assert final.state["callbacks"]["00-BatchLearningRate"]["counter"] == 6 * 16
 
     # CSVLogger: one header, one row per epoch, byte for byte the uninterrupted file.
-    csv = (storage / "history.csv").read_text()
-    assert csv == (cnn_reference / "history.csv").read_text()
+    csv = (storage / "files" / "history.csv").read_text()
+    assert csv == (cnn_reference / "files" / "history.csv").read_text()
     assert len(csv.splitlines()) == 1 + 6
 
     # TensorBoard: every epoch's scalars exactly once, at the same steps, with the same values.
-    expected = scalar_events(cnn_reference / "tensorboard")
+    expected = scalar_events(cnn_reference / "files" / "tensorboard")
     assert {step for (_, tag, step, _) in expected if tag == "epoch_loss"} == set(range(6))
-    assert scalar_events(storage / "tensorboard") == expected
+    assert scalar_events(storage / "files" / "tensorboard") == expected

@@ -1,0 +1,186 @@
+"""Writing, finding, verifying and pruning the checkpoints of one run."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+
+from cluster_trainer.checkpoint import fencing
+from cluster_trainer.checkpoint.format import (
+    DEFAULT_SHARD_BYTES,
+    MANIFEST,
+    Checkpoint,
+    checkpoint_name,
+    decode,
+    parse_manifest,
+    parse_name,
+    serialize,
+)
+from cluster_trainer.checkpoint.retention import Retention
+from cluster_trainer.errors import CheckpointError
+from cluster_trainer.storage import Storage
+
+PREFIX = "checkpoints"
+log = logging.getLogger(__name__)
+
+
+class CheckpointStore:
+    """The checkpoints of the run at `storage`.
+
+    Example:
+        >>> store = CheckpointStore(Storage("memory://doc-store/run"), Retention(keep_last=2))
+        >>> store.commit(sequence=1, step=5, attempt=1, tensors={"w": np.ones(3, "float32")}, state={})
+        'c00000001-s0000000005-a0001'
+        >>> store.load_latest().tensors["w"]
+        array([1., 1., 1.], dtype=float32)
+    """
+
+    def __init__(self, storage: Storage, retention: Retention = Retention(), shard_bytes: int = DEFAULT_SHARD_BYTES):
+        self.storage = storage
+        self.retention = retention
+        self.shard_bytes = shard_bytes
+        self._manifests: dict[str, dict] = {}  # committed manifests already read (for retention by metric)
+
+    def _rel(self, name: str, file: str = "") -> str:
+        return "/".join(p for p in (PREFIX, name, file) if p)
+
+    # -- writing ---------------------------------------------------------------
+
+    def commit(
+        self, *, sequence: int, step: int, attempt: int, tensors: dict[str, np.ndarray], state: dict[str, Any],
+        metrics: dict[str, float] | None = None, epoch_end: int | None = None, extra_files: dict[str, bytes] | None = None,
+    ) -> str:
+        """Write a checkpoint, shards in parallel, and commit it by writing its manifest last.
+
+        `extra_files` (paths relative to the run) are written before the
+        manifest too. Raises `SupersededError`, without committing, if a later
+        attempt of the run has registered.
+        """
+        started = time.monotonic()
+        name = checkpoint_name(sequence, step, attempt)
+        files, manifest = serialize(
+            sequence=sequence, step=step, attempt=attempt, tensors=tensors, state=state,
+            metrics=metrics, epoch_end=epoch_end, shard_bytes=self.shard_bytes,
+        )
+        self.storage.put_many({self._rel(name, f): data for f, data in files.items()} | (extra_files or {}))
+        fencing.check_not_superseded(self.storage, attempt)
+        self.storage.put(self._rel(name, MANIFEST), manifest)
+        self._manifests[name] = {"metrics": metrics, "epoch_end": epoch_end}
+        log.debug("committed %s (%d bytes) in %.3fs", name, sum(map(len, files.values())), time.monotonic() - started)
+        self.prune(current_attempt=attempt)
+        return name
+
+    # -- finding -----------------------------------------------------------------
+
+    def _listing(self) -> tuple[list[str], list[str]]:
+        """(committed names newest first, names of directories without a manifest), from one listing."""
+        files = self.storage.list_files(PREFIX, maxdepth=2)
+        directories, committed = set(), set()
+        for path in files:
+            parts = path.split("/")
+            if len(parts) != 3 or parse_name(parts[1]) is None:
+                continue
+            directories.add(parts[1])
+            if parts[2] == MANIFEST:
+                committed.add(parts[1])
+        newest_first = sorted(committed, key=lambda n: (parse_name(n)[0], parse_name(n)[2]), reverse=True)
+        return newest_first, sorted(directories - committed)
+
+    def highest_sequence(self) -> int:
+        """The highest sequence number of any checkpoint directory, committed or not (0 if none).
+
+        A new attempt numbers its commits after it, so they sort after
+        everything already written, including checkpoints that failed
+        verification or were left half-written.
+        """
+        committed, uncommitted = self._listing()
+        return max((parse_name(name)[0] for name in committed + uncommitted), default=0)
+
+    def committed(self) -> list[str]:
+        """Names of the committed checkpoints that count (not from a superseded attempt), newest first."""
+        names, _ = self._listing()
+        limits = fencing.cutoffs(self.storage)
+        valid = []
+        for name in names:
+            sequence, _, attempt = parse_name(name)
+            if attempt in limits and sequence > limits[attempt]:
+                log.debug("ignoring %s: written by attempt %d after it was superseded", name, attempt)
+                continue
+            valid.append(name)
+        return valid
+
+    def read(self, name: str) -> Checkpoint:
+        """Read (files in parallel) and verify one checkpoint; `CheckpointError` names the bad object."""
+        where = self.storage.path(self._rel(name))
+        try:
+            manifest = parse_manifest(name, self.storage.get(self._rel(name, MANIFEST)), f"{where}/{MANIFEST}")
+        except FileNotFoundError:
+            raise CheckpointError(f"{where}/{MANIFEST}: missing") from None
+        wanted = {self._rel(name, entry["name"]): entry["name"] for entry in manifest["files"]}
+        try:
+            fetched = self.storage.get_many(list(wanted))
+        except FileNotFoundError:  # one is missing: read them one by one, so decode() names it
+            fetched = {}
+            for relative in wanted:
+                try:
+                    fetched[relative] = self.storage.get(relative)
+                except FileNotFoundError:
+                    pass
+        contents = {wanted[relative]: data for relative, data in fetched.items()}
+        checkpoint = decode(name, manifest, contents, where)
+        self._manifests[name] = {"metrics": manifest.get("metrics"), "epoch_end": manifest.get("epoch_end")}
+        return checkpoint
+
+    def load_latest(self) -> Checkpoint | None:
+        """The newest checkpoint that counts and verifies; None for a new run.
+
+        A corrupt checkpoint is skipped with a warning naming the bad object
+        (and kept, for a person to look at). If checkpoints exist but none
+        verifies, that is an error: starting over would throw the run away.
+        """
+        problems = []
+        for name in self.committed():
+            try:
+                return self.read(name)
+            except CheckpointError as e:
+                log.warning("skipping checkpoint %s: %s", name, e)
+                problems.append(str(e))
+        if problems:
+            raise CheckpointError(
+                f"no usable checkpoint under {self.storage.path(PREFIX)}: {problems[0]}"
+                f"{f' (and {len(problems) - 1} more)' if len(problems) > 1 else ''}. "
+                "Nothing was deleted; inspect the files or start a new run with another --storage URI"
+            )
+        return None
+
+    # -- pruning -------------------------------------------------------------------
+
+    def prune(self, current_attempt: int) -> None:
+        """Apply retention, and delete what crashed older attempts left uncommitted.
+
+        A checkpoint is deleted manifest first, so a half-deleted one is never
+        taken for committed. The newest committed checkpoint is never deleted.
+        """
+        names = self.committed()  # a superseded attempt's or damaged checkpoints never count towards keep_last
+        _, uncommitted = self._listing()
+        entries = []
+        for name in names:
+            if name not in self._manifests:
+                try:
+                    manifest = parse_manifest(name, self.storage.get(self._rel(name, MANIFEST)), name)
+                    self._manifests[name] = {"metrics": manifest.get("metrics"), "epoch_end": manifest.get("epoch_end")}
+                except (CheckpointError, FileNotFoundError):
+                    self._manifests[name] = {"metrics": None, "epoch_end": None}
+            entries.append({"name": name, **self._manifests[name]})
+        kept = self.retention.kept(entries) | set(names[:1])
+        for name in names:
+            if name not in kept:
+                self.storage.remove(self._rel(name, MANIFEST))
+                self.storage.remove_tree(self._rel(name))
+                self._manifests.pop(name, None)
+        for name in uncommitted:
+            if parse_name(name)[2] < current_attempt:  # never a directory our own writer may be filling
+                self.storage.remove_tree(self._rel(name))
