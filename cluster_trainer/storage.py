@@ -194,13 +194,15 @@ class Storage:
 
     def exists(self, relative: str) -> bool:
         target = self.path(relative)
+        self.fs.invalidate_cache(target)
         return self._call(f"stat {target}", lambda: self.fs.exists(target))
 
     def list_dirs(self, relative: str) -> list[str]:
         """Names of the directories directly under `relative` (empty if it does not exist)."""
         target = self.path(relative)
+        self.fs.invalidate_cache(target)  # s3fs and gcsfs cache listings; another process may have written
         try:
-            entries = self._call(f"list {target}", lambda: self.fs.ls(target, detail=True, refresh=True))
+            entries = self._call(f"list {target}", lambda: self.fs.ls(target, detail=True))
         except FileNotFoundError:
             return []
         return sorted(posixpath.basename(e["name"].rstrip("/")) for e in entries if e["type"] == "directory")
@@ -208,6 +210,7 @@ class Storage:
     def list_files(self, relative: str, maxdepth: int | None = None) -> list[str]:
         """Paths (relative to the run) of every object below `relative`, in one listing where the store allows."""
         target = self.path(relative)
+        self.fs.invalidate_cache(target)  # s3fs and gcsfs cache listings; another process may have written
         try:
             found = self._call(f"list {target}", lambda: self.fs.find(target, maxdepth=maxdepth, withdirs=False))
         except FileNotFoundError:

@@ -1,11 +1,35 @@
 import os
 import shutil
 
-import pytest
-
-from harness import cli, latest, train_cmd
-
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # before gcsfs is imported
+
+import pytest  # noqa: E402
+
+from harness import cli, latest, train_cmd  # noqa: E402
+from stores import GCSServer, S3Server  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def s3():
+    server = S3Server()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def gcs():
+    server = GCSServer()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["local", "s3", "gcs"])
+def run_uri(request, tmp_path):
+    """A fresh run URI on each kind of store."""
+    if request.param == "local":
+        return str(tmp_path / "run")
+    return request.getfixturevalue(request.param).uri()
 
 
 @pytest.fixture(scope="session")

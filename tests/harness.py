@@ -40,12 +40,16 @@ def cli(*args: str, timeout: float = 600, **env: str) -> subprocess.CompletedPro
     )
 
 
-def train_cmd(storage: Path, *extra: str, job: str = TEST_JOB) -> list[str]:
+def train_cmd(storage: Path | str, *extra: str, job: str = TEST_JOB) -> list[str]:
     return ["run", job, "--storage", str(storage), "--devices", "2", "--verbose", "0", *extra]
 
 
-def run_and_kill_at(storage: Path, pause_at: str, tmp: Path, *extra: str, **env: str) -> None:
-    """Start a run that parks itself at `pause_at` (`hook:global_step`), then SIGKILL it there."""
+def run_and_kill_at(storage: Path | str, pause_at: str, tmp: Path, *extra: str, expect: dict | None = None, **env: str) -> None:
+    """Start a run that parks itself at `pause_at` (`hook:global_step`), then SIGKILL it there.
+
+    With `expect` (a partial position), wait until the background writer has
+    committed a checkpoint at that position before killing.
+    """
     marker = tmp / f"paused-{pause_at.replace(':', '-')}-{time.monotonic_ns()}"
     process = subprocess.Popen(
         [sys.executable, "-m", "cluster_trainer", *train_cmd(storage, *extra)],
@@ -63,13 +67,22 @@ def run_and_kill_at(storage: Path, pause_at: str, tmp: Path, *extra: str, **env:
             if time.monotonic() > deadline:
                 raise AssertionError(f"run did not reach {pause_at} in {STARTUP_TIMEOUT}s")
             time.sleep(0.05)
+        while expect is not None and not _committed_at(storage, expect):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no checkpoint at {expect} was committed while paused at {pause_at}")
+            time.sleep(0.05)
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()
     assert process.returncode == -signal.SIGKILL
 
 
-def latest(storage: Path) -> Checkpoint:
+def _committed_at(storage: Path | str, expect: dict) -> bool:
+    checkpoint = CheckpointStore(Storage(str(storage))).load_latest()
+    return checkpoint is not None and all(checkpoint.state["position"][k] == v for k, v in expect.items())
+
+
+def latest(storage: Path | str) -> Checkpoint:
     checkpoint = CheckpointStore(Storage(str(storage))).load_latest()
     assert checkpoint is not None, f"no committed checkpoint under {storage}"
     return checkpoint

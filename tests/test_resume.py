@@ -49,10 +49,11 @@ def test_reference_run_exercises_every_stateful_callback(mlp_reference):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("point", list(INTERRUPTION_POINTS))
-def test_resume_after_sigkill_is_bitwise_equal(point, mlp_reference, tmp_path):
+def test_resume_after_sigkill_is_bitwise_equal(point, run_uri, mlp_reference, tmp_path):
+    """On local disk, on a real S3 server and on a real GCS emulator."""
     pause_at, expected_position = INTERRUPTION_POINTS[point]
-    storage = tmp_path / "run"
-    run_and_kill_at(storage, pause_at, tmp_path, CT_TEST_EVERY_STEPS="1")
+    storage = run_uri
+    run_and_kill_at(storage, pause_at, tmp_path, CT_TEST_EVERY_STEPS="1", expect=expected_position)
 
     killed = latest(storage)
     assert {k: killed.state["position"][k] for k in expected_position} == expected_position
@@ -72,8 +73,12 @@ def test_several_interruptions_in_one_run_are_bitwise_equal(mlp_reference, tmp_p
     """Three kills at exact points (mid-epoch, before validation, at an epoch boundary),
     one at a random moment (possibly mid-write), each resumed."""
     storage = tmp_path / "run"
-    for pause_at in ("train_batch_begin:5", "test_begin:48", "epoch_begin:80"):
-        run_and_kill_at(storage, pause_at, tmp_path, CT_TEST_EVERY_STEPS="1")
+    for pause_at, expected in (
+        ("train_batch_begin:5", {"epoch": 0, "batch": 5}),
+        ("test_begin:48", {"epoch": 2, "batch": 16}),
+        ("epoch_begin:80", {"epoch": 5, "batch": 0}),
+    ):
+        run_and_kill_at(storage, pause_at, tmp_path, CT_TEST_EVERY_STEPS="1", expect=expected)
 
     # A kill at an arbitrary moment, once the run is committing again.
     store = CheckpointStore(Storage(str(storage)))

@@ -36,7 +36,8 @@ def cnn_reference(tmp_path_factory):
 @pytest.mark.slow
 def test_cnn_resume_mid_epoch_continues_dropout_counter_tensorboard_and_csv(cnn_reference, tmp_path):
     storage = tmp_path / "run"
-    run_and_kill_at(storage, "train_batch_begin:40", tmp_path, CT_TEST_EVERY_STEPS="1", **CNN)
+    run_and_kill_at(storage, "train_batch_begin:40", tmp_path, CT_TEST_EVERY_STEPS="1",
+                    expect={"epoch": 2, "batch": 8}, **CNN)
     killed = latest(storage)
     assert (killed.state["position"]["epoch"], killed.state["position"]["batch"]) == (2, 8)
     assert killed.state["callbacks"]["00-BatchLearningRate"]["counter"] == 40
