@@ -15,7 +15,8 @@ kept, per stock callback:
 
 Any other callback (user callbacks, subclasses of stock ones) resumes without
 code changes: its attributes holding data (numbers, strings, lists, tuples,
-sets, dicts, NumPy arrays, Keras or TF variables) that *changed since the
+sets, dicts, NumPy arrays, Keras or TF variables, `random.Random` and NumPy
+`Generator`s) that *changed since the
 callback was constructed* are captured and set again. Attributes that still
 hold their constructed value are configuration, not state: a resumed run keeps
 what the job builds now (so `--set` can change them). Attributes holding
@@ -44,6 +45,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import time
 from typing import Any, Sequence
 
@@ -97,6 +99,10 @@ def _encode(value: Any, name: str, tensors: dict[str, np.ndarray]) -> Any:
         return value
     if isinstance(value, np.generic):
         return {"__numpy_scalar__": value.dtype.str, "value": value.item()}
+    if isinstance(value, random.Random):
+        return {"__python_random__": _encode(value.getstate(), name, tensors)}
+    if isinstance(value, np.random.Generator):
+        return {"__numpy_generator__": value.bit_generator.state}
     if isinstance(value, (keras.Variable, tf.Variable)):
         return {"__variable__": _encode(np.asarray(keras.ops.convert_to_numpy(value)), name, tensors)}
     if isinstance(value, np.ndarray) or keras.ops.is_tensor(value):
@@ -136,6 +142,15 @@ def _decode(value: Any, tensors: dict[str, np.ndarray]) -> Any:
             return {_decode(k, tensors): _decode(v, tensors) for k, v in value["__items__"]}
         if "__text_array__" in value:
             return np.array(value["value"], dtype=value["__text_array__"])
+        if "__python_random__" in value:
+            generator = random.Random()
+            generator.setstate(_decode(value["__python_random__"], tensors))
+            return generator
+        if "__numpy_generator__" in value:
+            state = value["__numpy_generator__"]
+            generator = np.random.Generator(getattr(np.random, state["bit_generator"])())
+            generator.bit_generator.state = state
+            return generator
         if "__variable__" in value:
             return _Variable(_decode(value["__variable__"], tensors))
         return {k: _decode(v, tensors) for k, v in value.items()}

@@ -16,7 +16,9 @@ from cluster_trainer.storage import Storage
 
 def latest_checkpoint(uri: str, storage_options: dict | None = None) -> Checkpoint:
     """The newest verified checkpoint under `uri`; `CheckpointError` if there is none."""
-    checkpoint = CheckpointStore(Storage(uri, storage_options)).load_latest()
+    storage = Storage(uri, storage_options)
+    storage.check()
+    checkpoint = CheckpointStore(storage).load_latest()
     if checkpoint is None:
         raise CheckpointError(f"no committed checkpoint under {uri}: is this the run's --storage URI?")
     return checkpoint

@@ -72,6 +72,8 @@ class RunResult:
     position: Position
     history: dict[str, list]
     checkpoint: str | None
+    # saves, seconds spent copying state to host memory, seconds blocked on earlier uploads
+    checkpoint_stats: dict = dataclasses.field(default_factory=dict)
 
 
 def train(
@@ -154,6 +156,8 @@ class _Run:
         self.attempt: int | None = None  # registered once every check has passed
         self.position = Position()
         self._last_logs = None  # the last train step's logs, as tensors
+        self.saves = 0
+        self.host_copy_seconds = 0.0
         self.writer = CheckpointWriter(store, max_in_flight=job.checkpoint.max_in_flight)
         self.writer.last_committed = resume.name if resume else None
         self.files = RunFiles(store.storage)
@@ -208,6 +212,7 @@ class _Run:
         flush = getattr(self.callbacks, "_flush_futures", None)
         if flush is not None:  # async batch-end callbacks must have run before their state is read
             flush()
+        copy_started = time.perf_counter()
         self.position.stop_training = bool(self.model.stop_training)
         if self._last_logs is not None:
             self.position.train_logs = _pythonify(self._last_logs)
@@ -233,6 +238,9 @@ class _Run:
         }
         if self.writer.last_error is not None:
             self.files.forget_uploads()
+        extra_files = self.files.snapshot()
+        self.host_copy_seconds += time.perf_counter() - copy_started
+        self.saves += 1
         self.sequence += 1
         self.writer.save(
             sequence=self.sequence,
@@ -242,7 +250,7 @@ class _Run:
             state=state,
             metrics=_pythonify(epoch_logs) if epoch_logs else None,
             epoch_end=self.position.epoch if epoch_logs is not None else None,
-            extra_files=self.files.snapshot(),
+            extra_files=extra_files,
         )
 
     # -- the loop --------------------------------------------------------------
@@ -385,6 +393,8 @@ class _Run:
             position=self.position,
             history=dict(history.history) if history else {},
             checkpoint=self.writer.last_committed,
+            checkpoint_stats={"saves": self.saves, "host_copy_seconds": self.host_copy_seconds,
+                              "stall_seconds": self.writer.stall_seconds},
         )
 
 

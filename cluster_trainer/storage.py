@@ -62,7 +62,12 @@ class RetryPolicy:
 
     def delays(self) -> Iterable[float]:
         for attempt in range(self.attempts - 1):
-            yield random.uniform(0, min(self.max_seconds, self.base_seconds * 2**attempt))
+            yield _JITTER.uniform(0, min(self.max_seconds, self.base_seconds * 2**attempt))
+
+
+# Our own generator: drawing jitter from the global `random` on the upload thread would
+# change the Python RNG state a training run checkpoints.
+_JITTER = random.Random()
 
 
 def is_transient(error: BaseException) -> bool:

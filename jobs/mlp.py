@@ -60,5 +60,5 @@ job = ct.Job(
     batch_size=64,
     seed=42,
     config={"lr": 1e-2, "units": 64},
-    checkpoint=ct.CheckpointPolicy(every_steps=8, every_epoch=True, keep_last=3),
+    checkpoint=ct.CheckpointPolicy(every_steps=8, every_epoch=True, keep_last=3, keep_best="val_loss"),
 )

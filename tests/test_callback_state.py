@@ -1,5 +1,7 @@
 """Callback state: what is kept, what is configuration, and what cannot be kept."""
 
+import random
+
 import keras
 import numpy as np
 import pytest
@@ -17,6 +19,8 @@ class Scheduler(keras.callbacks.Callback):
         self.names = np.array(["a", "b"])
         self.scale = keras.Variable(1.0)
         self.hook = lambda: None  # not data
+        self.rng = random.Random(1)
+        self.np_rng = np.random.default_rng(2)
 
     def step(self, epoch):
         self.counter += 1
@@ -24,6 +28,8 @@ class Scheduler(keras.callbacks.Callback):
         self.by_epoch[epoch] = 0.5 * epoch
         self.names = np.array(["x", "yy", "zzz"])
         self.scale.assign(2.5)
+        self.rng.random()
+        self.np_rng.normal()
 
 
 def round_trip(before, after):
@@ -44,6 +50,10 @@ def test_changed_user_attributes_come_back_with_their_types():
     assert after.by_epoch == {3: 1.5, 4: 2.0}
     assert after.names.tolist() == ["x", "yy", "zzz"]
     assert after.scale is variable and float(after.scale.numpy()) == 2.5  # assigned into, not replaced
+    twin = Scheduler(factor=0.1)
+    twin.step(3), twin.step(4)
+    assert after.rng.random() == twin.rng.random()  # generators continue where they were
+    assert after.np_rng.normal() == twin.np_rng.normal()
 
 
 def test_attributes_still_as_constructed_are_configuration_and_a_new_value_wins():

@@ -142,12 +142,19 @@ class CheckpointStore:
         verifies, that is an error: starting over would throw the run away.
         """
         problems = []
-        for name in self.committed():
-            try:
-                return self.read(name)
-            except CheckpointError as e:
-                log.warning("skipping checkpoint %s: %s", name, e)
-                problems.append(str(e))
+        for _ in range(5):
+            vanished = False
+            for name in self.committed():
+                try:
+                    return self.read(name)
+                except CheckpointError as e:
+                    if not self.storage.exists(self._rel(name, MANIFEST)):
+                        vanished = True  # pruned by the run while we read it: not damage; look again
+                        continue
+                    log.warning("skipping checkpoint %s: %s", name, e)
+                    problems.append(str(e))
+            if not vanished:
+                break
         if problems:
             raise CheckpointError(
                 f"no usable checkpoint under {self.storage.path(PREFIX)}: {problems[0]}"

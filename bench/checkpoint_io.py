@@ -1,0 +1,154 @@
+"""Checkpoint upload and restore against raw fsspec and Keras `save_weights`, per store and size.
+
+For each store (local disk, moto's S3 server, the GCS emulator; all on this
+machine) and each state size, in one process run:
+
+- cluster-trainer commit: serialise to safetensors shards, SHA-256, parallel
+  puts, fencing check, manifest last.
+- raw parallel fsspec write of the *same bytes* to the same number of objects
+  (`fs.pipe` of the shards): the ceiling for this store.
+- Keras `model.save_weights` to a local file, then one fsspec put of that file
+  to the store (what a user of `fit` does to get weights into a bucket).
+- restore: cluster-trainer's verified parallel read against a raw parallel
+  `fs.cat` of the same objects, and `load_weights` after a download.
+
+Reports throughput (MB/s) and ratios. Servers run in this process on
+127.0.0.1; they are emulators, so absolute numbers say little about GCS or S3
+themselves, while ratios compare the code paths on the same transport.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+from cluster_trainer.native_logs import import_tensorflow_quietly  # noqa: E402
+
+import_tensorflow_quietly()
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+from cluster_trainer.checkpoint import CheckpointStore, Retention  # noqa: E402
+from cluster_trainer.checkpoint.format import serialize  # noqa: E402
+from cluster_trainer.state import capture_model_state  # noqa: E402
+from cluster_trainer.storage import Storage  # noqa: E402
+
+
+def model_of_size(megabytes: int) -> keras.Model:
+    """Dense layers of 1024x1024 float32 (4 MiB each) adding up to about `megabytes`."""
+    layers = max(1, round(megabytes / 4.2))
+    model = keras.Sequential([keras.Input((1024,))] + [keras.layers.Dense(1024) for _ in range(layers)])
+    return model
+
+
+def start_stores(work: str) -> dict[str, str]:
+    import socket
+
+    from gcp_storage_emulator.server import create_server
+    from moto.server import ThreadedMotoServer
+
+    s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    s3.start()
+    host, port = s3.get_host_and_port()
+    os.environ.update({"AWS_ENDPOINT_URL_S3": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "bench",
+                       "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
+                       "AWS_EC2_METADATA_DISABLED": "true"})
+    import s3fs
+
+    s3fs.S3FileSystem(skip_instance_cache=True).mkdir("bench")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        gport = sock.getsockname()[1]
+    gcs = create_server("127.0.0.1", gport, in_memory=True, default_bucket="bench")
+    gcs.start()
+    os.environ.update({"STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{gport}", "FSSPEC_GCS_TOKEN": "anon",
+                       "NO_GCE_CHECK": "True"})
+    return {"local disk": os.path.join(work, "local"), "S3 (moto server)": "s3://bench", "GCS (emulator)": "gs://bench"}
+
+
+def timed(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def measure(store_name: str, base_uri: str, megabytes: int, repeats: int, work: str) -> dict:
+    model = model_of_size(megabytes)
+    tensors, _ = capture_model_state(model)
+    nbytes = sum(a.nbytes for a in tensors.values())
+    storage = Storage(f"{base_uri}/{megabytes}mb")
+    store = CheckpointStore(storage, Retention(keep_last=1), shard_bytes=16 * 2**20)
+    sequence = iter(range(1, 10_000))
+
+    def ours_commit():
+        store.commit(sequence=next(sequence), step=0, attempt=1, tensors=tensors, state={})
+
+    files, _ = serialize(sequence=0, step=0, attempt=1, tensors=tensors, state={}, shard_bytes=16 * 2**20)
+    raw_paths = {storage.path(f"raw/{name}"): data for name, data in files.items()}
+
+    def raw_write():
+        if storage.is_local:
+            storage.put_many({f"raw/{name}": data for name, data in files.items()})
+        else:
+            storage.fs.pipe(raw_paths)
+
+    weights_file = os.path.join(work, f"w{megabytes}.weights.h5")
+
+    def keras_save():
+        model.save_weights(weights_file)
+        storage.fs.put_file(weights_file, storage.path("keras/model.weights.h5"))
+
+    from cluster_trainer.storage import _protocols  # noqa: F401  (same store objects as ours)
+
+    if not storage.is_local:
+        storage.fs.invalidate_cache()
+    results = {
+        "ours_write": timed(ours_commit, repeats),
+        "raw_write": timed(raw_write, repeats),
+        "keras_save": timed(keras_save, repeats),
+    }
+    name = store.committed()[0]
+    results["ours_read"] = timed(lambda: store.read(name), repeats)
+    results["raw_read"] = timed(lambda: storage.fs.cat(list(raw_paths)), repeats)
+
+    def keras_load():
+        storage.fs.get_file(storage.path("keras/model.weights.h5"), weights_file)
+        model.load_weights(weights_file)
+
+    results["keras_load"] = timed(keras_load, repeats)
+    return {"store": store_name, "megabytes": nbytes / 1e6, **results}
+
+
+def run(sizes: list[int], repeats: int) -> str:
+    rows = []
+    with tempfile.TemporaryDirectory() as work:
+        stores = start_stores(work)
+        for megabytes in sizes:
+            for store_name, base in stores.items():
+                result = measure(store_name, base, megabytes, repeats, work)
+                rows.append(result)
+                print(f"{store_name} {result['megabytes']:.0f} MB: ours {result['ours_write']:.2f}s, "
+                      f"raw {result['raw_write']:.2f}s, keras {result['keras_save']:.2f}s", flush=True)
+    mb = lambda r, key: r["megabytes"] / r[key]  # noqa: E731
+    lines = [
+        "| store | state | commit MB/s | raw write MB/s | commit / raw | save_weights+upload MB/s | commit / save_weights "
+        "| restore MB/s | raw read MB/s | restore / raw | load_weights / restore time |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['store']} | {r['megabytes']:.0f} MB | {mb(r, 'ours_write'):.0f} | {mb(r, 'raw_write'):.0f} | "
+            f"{r['raw_write'] / r['ours_write']:.2f} | {mb(r, 'keras_save'):.0f} | {r['keras_save'] / r['ours_write']:.2f}x | "
+            f"{mb(r, 'ours_read'):.0f} | {mb(r, 'raw_read'):.0f} | {r['raw_read'] / r['ours_read']:.2f} | "
+            f"{r['keras_load'] / r['ours_read']:.2f}x |"
+        )
+    return "\n".join(lines) + "\n"
