@@ -102,12 +102,12 @@ def measure(store_name: str, base_uri: str, megabytes: int, repeats: int, work: 
             storage.fs.pipe(raw_paths)
 
     weights_file = os.path.join(work, f"w{megabytes}.weights.h5")
+    if storage.is_local:
+        os.makedirs(storage.path("keras"), exist_ok=True)
 
     def keras_save():
         model.save_weights(weights_file)
         storage.fs.put_file(weights_file, storage.path("keras/model.weights.h5"))
-
-    from cluster_trainer.storage import _protocols  # noqa: F401  (same store objects as ours)
 
     if not storage.is_local:
         storage.fs.invalidate_cache()

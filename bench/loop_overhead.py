@@ -106,6 +106,8 @@ def run(args) -> str:
             args.width, args.epochs + 1, ct.CheckpointPolicy(every_steps=None, every_epoch=False)),
         f"cluster-trainer loop, save every {SAVE_EVERY} steps (background writer)": lambda: run_loop(
             args.width, args.epochs + 1, ct.CheckpointPolicy(every_steps=SAVE_EVERY, every_epoch=False, keep_last=2)),
+        "cluster-trainer loop, save every 128 steps (background writer)": lambda: run_loop(
+            args.width, args.epochs + 1, ct.CheckpointPolicy(every_steps=128, every_epoch=False, keep_last=2)),
     }
     times: dict[str, list[float]] = {name: [] for name in variants}
     for repeat in range(args.repeats):

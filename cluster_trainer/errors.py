@@ -37,5 +37,11 @@ class CheckpointError(ClusterTrainerError):
     """No usable committed checkpoint, or one that does not fit the job."""
 
 
+class CheckpointWriteError(ClusterTrainerError):
+    """The final checkpoint could not be written: the run's last state is not stored."""
+
+    exit_code = EXIT_FAILURE
+
+
 class StateMismatchError(CheckpointError):
     """The checkpoint was written by a different model or callback list."""

@@ -106,6 +106,9 @@ class Job:
         config: hyperparameters; `--set key=value` overrides them with typed values.
         checkpoint: a `CheckpointPolicy`.
         deterministic: turn on TensorFlow op determinism (bitwise-equal resumes).
+        storage_options: fsspec options for the run's store (an endpoint, a
+            region); `--storage-option` overrides them. Not for secrets: use the
+            clouds' credential mechanisms.
 
     Example:
         >>> import keras, numpy as np
@@ -131,6 +134,7 @@ class Job:
     config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     checkpoint: CheckpointPolicy = CheckpointPolicy()
     deterministic: bool = True
+    storage_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     source_path: str | None = None
 
     def __post_init__(self):

@@ -23,6 +23,7 @@ import logging
 import socket
 import sys
 import time
+import uuid
 from typing import Any, Callable
 
 import keras
@@ -96,7 +97,8 @@ def train(
         epochs: override `job.epochs` (e.g. to extend a finished run).
         verbose: 0 silent, 1 progress bar, 2 one line per epoch, "auto".
         strategy: an existing strategy (overrides `devices`).
-        storage_options: fsspec options for the store (e.g. `{"endpoint_url": ...}`).
+        storage_options: fsspec options for the store (e.g. `{"endpoint_url": ...}`); they
+            override the job's `storage_options`.
         echo: where to print one-line run messages (default: stderr).
 
     Example:
@@ -108,7 +110,7 @@ def train(
         job = dataclasses.replace(job, epochs=epochs)
     if verbose == "auto":
         verbose = 1 if sys.stdout.isatty() else 2
-    run_storage = Storage(storage, storage_options)
+    run_storage = Storage(storage, {**job.storage_options, **(storage_options or {})})
     run_storage.check()
     policy = job.checkpoint
     store = CheckpointStore(run_storage, policy.retention(), shard_bytes=policy.shard_mb * 2**20)
@@ -161,6 +163,7 @@ class _Run:
         self.writer = CheckpointWriter(store, max_in_flight=job.checkpoint.max_in_flight)
         self.writer.last_committed = resume.name if resume else None
         self.files = RunFiles(store.storage)
+        self.run_id = resume.state.get("run_id") if resume else uuid.uuid4().hex  # one id for all attempts
 
     # -- set-up ------------------------------------------------------------
 
@@ -220,6 +223,7 @@ class _Run:
         callbacks, callback_tensors = callback_state.capture(self.stateful_callbacks, self.callback_baseline)
         rng, rng_tensors = capture_rng_state()
         state = {
+            "run_id": self.run_id,
             "position": dataclasses.asdict(self.position),
             "variables": variables,
             "callbacks": callbacks,
@@ -251,6 +255,8 @@ class _Run:
             metrics=_pythonify(epoch_logs) if epoch_logs else None,
             epoch_end=self.position.epoch if epoch_logs is not None else None,
             extra_files=extra_files,
+            run_id=self.run_id,
+            position={k: getattr(self.position, k) for k in ("epoch", "batch", "global_step")},
         )
 
     # -- the loop --------------------------------------------------------------

@@ -66,3 +66,28 @@ def test_after_a_corrupt_newest_checkpoint_new_commits_sort_after_it_and_the_goo
     name = commit(store, store.highest_sequence() + 1, second, 5.0)
     assert store.committed() == [name, resumed.name]  # the superseded corrupt ones no longer count
     assert storage.exists(f"checkpoints/{resumed.name}/MANIFEST.json")
+
+
+def test_a_store_that_stays_down_does_not_stop_training_but_the_final_save_fails_loudly(tmp_path, caplog):
+    """Saves that fail are logged and training goes on; wait() (the final save) raises an exit-1 error."""
+    import socket
+
+    from cluster_trainer.checkpoint import CheckpointWriter
+    from cluster_trainer.errors import EXIT_FAILURE, CheckpointWriteError
+    from cluster_trainer.storage import RetryPolicy
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"  # nothing listens here once closed
+    storage = Storage("s3://down/run", {"endpoint_url": dead, "key": "k", "secret": "s",
+                                        "config_kwargs": {"connect_timeout": 0.2, "retries": {"max_attempts": 1}}},
+                      retry=RetryPolicy(attempts=2, base_seconds=0.01, max_seconds=0.02))
+    writer = CheckpointWriter(CheckpointStore(storage))
+    with caplog.at_level("ERROR"):
+        for sequence in (1, 2):
+            writer.save(sequence=sequence, step=sequence, attempt=1, tensors={"w": np.zeros(2)}, state={})
+        with pytest.raises(CheckpointWriteError, match="final checkpoint could not be written") as raised:
+            writer.wait()
+    assert raised.value.exit_code == EXIT_FAILURE
+    assert caplog.text.count("CHECKPOINT NOT SAVED") == 2
+    writer.close()

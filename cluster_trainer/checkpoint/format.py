@@ -101,6 +101,7 @@ def _split(tensors: dict[str, np.ndarray], shard_bytes: int) -> list[dict[str, n
 def serialize(
     *, sequence: int, step: int, attempt: int, tensors: dict[str, np.ndarray], state: dict[str, Any],
     metrics: dict[str, float] | None = None, epoch_end: int | None = None, shard_bytes: int = DEFAULT_SHARD_BYTES,
+    run_id: str | None = None, position: dict[str, int] | None = None,
 ) -> tuple[dict[str, bytes], bytes]:
     """The files of a checkpoint (name -> bytes) and its manifest, to be written last."""
     files: dict[str, bytes] = {}
@@ -112,6 +113,8 @@ def serialize(
     files[STATE] = json.dumps(state, sort_keys=True, allow_nan=True).encode()
     manifest = {
         "format": FORMAT,
+        "run_id": run_id,
+        "position": position,  # epoch, batch (next to train), global_step
         "sequence": sequence,
         "step": step,
         "attempt": attempt,

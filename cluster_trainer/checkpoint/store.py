@@ -52,6 +52,7 @@ class CheckpointStore:
     def commit(
         self, *, sequence: int, step: int, attempt: int, tensors: dict[str, np.ndarray], state: dict[str, Any],
         metrics: dict[str, float] | None = None, epoch_end: int | None = None, extra_files: dict[str, bytes] | None = None,
+        run_id: str | None = None, position: dict[str, int] | None = None,
     ) -> str:
         """Write a checkpoint, shards in parallel, and commit it by writing its manifest last.
 
@@ -63,7 +64,7 @@ class CheckpointStore:
         name = checkpoint_name(sequence, step, attempt)
         files, manifest = serialize(
             sequence=sequence, step=step, attempt=attempt, tensors=tensors, state=state,
-            metrics=metrics, epoch_end=epoch_end, shard_bytes=self.shard_bytes,
+            metrics=metrics, epoch_end=epoch_end, shard_bytes=self.shard_bytes, run_id=run_id, position=position,
         )
         self.storage.put_many({self._rel(name, f): data for f, data in files.items()} | (extra_files or {}))
         fencing.check_not_superseded(self.storage, attempt)

@@ -19,7 +19,7 @@ from typing import Any
 
 from cluster_trainer.checkpoint.fencing import SupersededError
 from cluster_trainer.checkpoint.store import CheckpointStore
-from cluster_trainer.errors import CheckpointError
+from cluster_trainer.errors import CheckpointWriteError
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class CheckpointWriter:
         if self.superseded is not None:
             raise self.superseded
         if self.last_error is not None:
-            raise CheckpointError(
+            raise CheckpointWriteError(
                 f"the final checkpoint could not be written to {self.store.storage.uri}: "
                 f"{type(self.last_error).__name__}: {self.last_error}. Last committed: {self.last_committed or 'none'}"
             ) from self.last_error
