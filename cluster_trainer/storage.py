@@ -193,9 +193,15 @@ class Storage:
             targets = {self.path(relative): data for relative, data in items.items()}
             self._call(f"write {len(targets)} objects under {self.uri}", lambda: self.fs.pipe(targets))
             return
-        futures = [self._pool.submit(self.put, relative, data) for relative, data in items.items()]
+        targets = {self.path(relative): data for relative, data in items.items()}
+        futures = [
+            self._pool.submit(self._call, f"write {target}", lambda t=target, d=data: _local_atomic_write(t, d, False, False))
+            for target, data in targets.items()
+        ]
         for future in futures:
             future.result()
+        for directory in {os.path.dirname(target) for target in targets}:
+            _fsync_directory(directory)  # once per directory, after all its renames
 
     def get(self, relative: str) -> bytes:
         target = self.path(relative)
@@ -254,7 +260,7 @@ def _protocols(fs) -> tuple:
     return protocol if isinstance(protocol, tuple) else (protocol,)
 
 
-def _local_atomic_write(target: str, data: bytes, exclusive: bool) -> None:
+def _local_atomic_write(target: str, data: bytes, exclusive: bool, sync_directory: bool = True) -> None:
     os.makedirs(os.path.dirname(target), exist_ok=True)
     temporary = f"{target}.tmp-{uuid.uuid4().hex}"
     try:
@@ -271,7 +277,8 @@ def _local_atomic_write(target: str, data: bytes, exclusive: bool) -> None:
         if os.path.exists(temporary):
             os.remove(temporary)
         raise
-    _fsync_directory(os.path.dirname(target))
+    if sync_directory:
+        _fsync_directory(os.path.dirname(target))
 
 
 def _fsync_directory(path: str) -> None:
