@@ -25,7 +25,8 @@ exit codes:
   {EXIT_BAD_INPUT}   bad input: usage, job file, --set, storage URI, or a checkpoint that
       does not fit the job; nothing stored was changed
   {EXIT_SUPERSEDED}   superseded: another process resumed this run; this one stopped without writing
-  {EXIT_PREEMPTED}  preempted: state was committed; run the same command again to resume
+  {EXIT_PREEMPTED}  preempted (SIGTERM or SIGINT): state was committed at the batch boundary;
+      run the same command again to resume, with no step lost
 """
 
 
@@ -116,10 +117,11 @@ def main(argv: list[str] | None = None) -> int:
                 package_log.debug("TensorFlow found no usable CUDA driver; running on CPU")
         return {"run": _run, "status": _status, "history": _history, "export": _export}[args.command](args)
     except ClusterTrainerError as e:
-        print(f"cluster-trainer: error: {e}", file=sys.stderr)
+        kind = "" if e.exit_code == EXIT_PREEMPTED else "error: "  # preemption is not an error
+        print(f"cluster-trainer: {kind}{e}", file=sys.stderr)
         return e.exit_code
-    except KeyboardInterrupt:
-        print("cluster-trainer: interrupted", file=sys.stderr)
+    except KeyboardInterrupt:  # a second Ctrl-C during the flush
+        print("cluster-trainer: interrupted before the state was committed", file=sys.stderr)
         return EXIT_FAILURE
 
 

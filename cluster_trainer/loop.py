@@ -36,6 +36,7 @@ from cluster_trainer.data import as_source
 from cluster_trainer.devices import enable_determinism, make_strategy
 from cluster_trainer.errors import CheckpointError, JobError
 from cluster_trainer.job import Job, RunContext
+from cluster_trainer.preemption import PreemptedError, PreemptionWatcher
 from cluster_trainer.state import (
     capture_model_state,
     capture_rng_state,
@@ -117,9 +118,11 @@ def train(
     strategy = strategy or make_strategy(devices)
     resume = store.load_latest()
     run = _Run(job, store, strategy, resume, verbose, echo)
+    run.preemption.install_signal_handlers()
     try:
         return run.run()
     finally:
+        run.preemption.restore_signal_handlers()
         run.writer.close()
 
 
@@ -164,6 +167,7 @@ class _Run:
         self.writer.last_committed = resume.name if resume else None
         self.files = RunFiles(store.storage)
         self.run_id = resume.state.get("run_id") if resume else uuid.uuid4().hex  # one id for all attempts
+        self.preemption = PreemptionWatcher()
 
     # -- set-up ------------------------------------------------------------
 
@@ -316,6 +320,8 @@ class _Run:
             log.debug("epoch %d took %.2fs", epoch, time.monotonic() - epoch_started)
             self.position = dataclasses.replace(self.position, epoch=epoch + 1, batch=0, train_logs=None)
             self._last_logs = None
+            if self.preemption.notice is not None:
+                self._flush_and_stop(epoch_logs)
             if self.job.checkpoint.every_epoch:
                 self._commit(epoch_logs)
             if self.model.stop_training:
@@ -352,6 +358,8 @@ class _Run:
             batch += 1
             self._last_logs = logs
             self.position = dataclasses.replace(self.position, batch=batch, global_step=self.position.global_step + 1)
+            if self.preemption.notice is not None:
+                self._flush_and_stop()
             if job.checkpoint.due_at_step(self.position.global_step):
                 self._commit()
             if self.model.stop_training:
@@ -377,6 +385,29 @@ class _Run:
         logs = _pythonify(self.model._get_metrics_result_or_logs(logs))
         self.callbacks.on_test_end(logs)
         return logs
+
+    def _flush_and_stop(self, epoch_logs: dict | None = None) -> None:
+        """On a preemption notice: commit at this batch boundary, wait for the upload, stop.
+
+        Called between steps, so the resumed run re-runs no step. A notice that
+        arrives during validation is acted on at the end of the epoch.
+        """
+        notice = self.preemption.notice
+        p = self.position
+        self.echo(f"preemption notice ({notice.source}): committing at epoch {p.epoch + 1}, batch {p.batch} "
+                  f"(global step {p.global_step}); {notice.seconds_left():.1f}s to the deadline")
+        self._commit(epoch_logs)
+        self.writer.wait()
+        took = time.monotonic() - notice.received_at
+        left = notice.seconds_left()
+        if left < 0:
+            self.echo(f"warning: the flush took {took:.1f}s, {-left:.1f}s past the deadline; "
+                      "raise the grace period or save more often")
+        raise PreemptedError(
+            f"preempted ({notice.source}): state committed as {self.writer.last_committed} at global step "
+            f"{p.global_step}, {took:.2f}s after the notice ({max(left, 0):.1f}s before the deadline). "
+            "Run the same command again to resume"
+        )
 
     def _check_config(self, checkpoint: Checkpoint) -> None:
         stored = checkpoint.state["job"]
