@@ -36,7 +36,6 @@ from cluster_trainer.native_logs import import_tensorflow_quietly  # noqa: E402
 import_tensorflow_quietly()
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
 
 from cluster_trainer.checkpoint import CheckpointStore, Retention  # noqa: E402
 from cluster_trainer.checkpoint.format import serialize  # noqa: E402

@@ -27,7 +27,6 @@ import uuid
 from typing import Any, Callable
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from cluster_trainer import callback_state

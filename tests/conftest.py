@@ -6,7 +6,7 @@ os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # before gc
 
 import pytest  # noqa: E402
 
-from harness import cli, latest, train_cmd  # noqa: E402
+from harness import cli, train_cmd  # noqa: E402
 from stores import GCSServer, S3Server  # noqa: E402
 
 

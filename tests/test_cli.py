@@ -6,7 +6,7 @@ import json
 import pandas as pd
 import pytest
 
-from harness import ROOT, cli, latest, train_cmd, tree_digest
+from harness import ROOT, cli, latest, tree_digest
 
 MLP = str(ROOT / "jobs" / "mlp.py")
 

@@ -15,7 +15,6 @@ import pytest
 
 from faulty_proxy import FaultyProxy
 from harness import ROOT, assert_bitwise_equal_runs, cli, cli_env, latest, train_cmd
-from stores import BUCKET
 
 SHORT_TIMEOUTS = "config_kwargs={'read_timeout': 1, 'connect_timeout': 1}"
 
