@@ -33,19 +33,24 @@ def test_sigterm_at_a_random_batch_commits_there_exits_75_and_resumes_with_no_st
         process = subprocess.Popen([sys.executable, "-m", "cluster_trainer", *train_cmd(storage)],
                                    env=cli_env(CLUSTER_TRAINER_GRACE_SECONDS=str(grace)), stdout=sink,
                                    stderr=subprocess.STDOUT, cwd=ROOT)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and process.poll() is None:  # training has begun
-        try:
-            if latest(storage).step > 0:
-                break
-        except AssertionError:
-            pass
-        time.sleep(0.05)
-    time.sleep(random.Random(75).uniform(0.0, 1.0))
-    process.send_signal(signal.SIGTERM)
-    sent = time.monotonic()
-    process.wait(timeout=grace + 30)
-    took = time.monotonic() - sent
+    try:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and process.poll() is None:  # training has begun
+            try:
+                if latest(storage).step > 0:
+                    break
+            except AssertionError:
+                pass
+            time.sleep(0.05)
+        time.sleep(random.Random(75).uniform(0.0, 1.0))
+        process.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        process.wait(timeout=grace + 30)
+        took = time.monotonic() - sent
+    finally:  # never leave a training process behind, whatever failed
+        if process.poll() is None:
+            process.kill()
+            process.wait()
     output = log.read_text()
     assert process.returncode == EXIT_PREEMPTED, output
     assert took < grace, f"exited {took:.1f}s after SIGTERM, past the {grace}s grace period"

@@ -87,12 +87,14 @@ def test_several_interruptions_in_one_run_are_bitwise_equal(mlp_reference, tmp_p
         [sys.executable, "-m", "cluster_trainer", *train_cmd(storage)],
         env=cli_env(CT_TEST_EVERY_STEPS="1"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT,
     )
-    deadline = time.monotonic() + 180
-    while store.committed()[0] == before and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    time.sleep(random.Random(20261124).uniform(0.0, 0.3))
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    try:
+        deadline = time.monotonic() + 180
+        while store.committed()[0] == before and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(random.Random(20261124).uniform(0.0, 0.3))
+    finally:  # never leave a training process behind, whatever failed
+        process.send_signal(signal.SIGKILL)
+        process.wait()
 
     resumed = cli(*train_cmd(storage), CT_TEST_EVERY_STEPS="1")
     assert resumed.returncode == 0, resumed.stderr

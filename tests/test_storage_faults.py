@@ -46,19 +46,21 @@ def test_sigkill_at_random_moments_mid_upload_never_loads_a_torn_checkpoint(s3, 
         for kill in range(6):
             before = latest(uri).sequence if kill else 0
             process = subprocess.Popen([sys.executable, "-m", "cluster_trainer", *train_cmd(uri)], env=cli_env(**env),
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
-            deadline = time.monotonic() + 180
-            while time.monotonic() < deadline and process.poll() is None:  # wait for this attempt's first commit
-                try:
-                    if latest(uri).sequence > before:
-                        break
-                except AssertionError:
-                    pass
-                time.sleep(0.1)
-            time.sleep(rng.uniform(0.0, 1.5))
-            assert process.poll() is None, process.stderr.read().decode()[-2000:]
-            process.send_signal(signal.SIGKILL)
-            process.wait()
+                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+            try:
+                deadline = time.monotonic() + 180
+                while time.monotonic() < deadline and process.poll() is None:  # this attempt's first commit
+                    try:
+                        if latest(uri).sequence > before:
+                            break
+                    except AssertionError:
+                        pass
+                    time.sleep(0.1)
+                time.sleep(rng.uniform(0.0, 1.5))
+                assert process.poll() is None, f"attempt {kill + 1} exited ({process.returncode}) before the kill"
+            finally:  # never leave a training process behind, whatever failed
+                process.send_signal(signal.SIGKILL)
+                process.wait()
             checkpoint = latest(uri)  # verifies sizes and checksums of everything it loads
             assert checkpoint.sequence > before
         result = cli(*train_cmd(uri), **env)
@@ -91,9 +93,17 @@ def test_a_zombie_attempt_never_commits_over_the_attempt_that_replaced_it(mlp_re
         assert replacement.returncode == 0, replacement.stderr
         assert "attempt 2" in replacement.stderr
         final = latest(storage)
+    except BaseException:  # never leave a training process behind, whatever failed
+        zombie.kill()
+        zombie.wait()
+        raise
+    os.kill(zombie.pid, signal.SIGCONT)  # ... and the old one wakes up
+    try:
+        _, zombie_stderr = zombie.communicate(timeout=180)
     finally:
-        os.kill(zombie.pid, signal.SIGCONT)  # ... and the old one wakes up
-    _, zombie_stderr = zombie.communicate(timeout=180)
+        if zombie.poll() is None:
+            zombie.kill()
+            zombie.wait()
     assert zombie.returncode == 3, zombie_stderr
     assert "superseded by attempt 2" in zombie_stderr
     assert latest(storage).name == final.name
