@@ -73,7 +73,7 @@ def build_model(config):
 def callbacks(config, run):
     return [
         BatchLearningRate(initial=config["lr"], decay=config["lr_decay"]),
-        keras.callbacks.TensorBoard(run.path("tensorboard")),
+        keras.callbacks.TensorBoard(run.path("tensorboard"), write_steps_per_second=True),
         keras.callbacks.CSVLogger(run.path("history.csv")),
     ]
 
