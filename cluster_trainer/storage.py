@@ -102,7 +102,7 @@ class Storage:
         >>> s = Storage("memory://doc-example/run")
         >>> s.put("a/b.json", b"{}")
         >>> s.put_many({"a/c.bin": b"1", "a/d.bin": b"2"})
-        >>> s.get("a/b.json"), s.get_many(["a/c.bin", "a/d.bin"]), s.list_dirs("missing")
+        >>> s.get("a/b.json"), s.get_many(["a/c.bin", "a/d.bin"]), s.list_files("missing")
         (b'{}', {'a/c.bin': b'1', 'a/d.bin': b'2'}, [])
     """
 
@@ -120,10 +120,6 @@ class Storage:
         self.root = self.root.rstrip("/") or "/"
         self.is_local = "file" in _protocols(self.fs)
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="storage")
-
-    def local_path(self) -> str | None:
-        """The run's directory when the storage is the local disk, else None."""
-        return self.root if self.is_local else None
 
     def path(self, relative: str = "") -> str:
         return posixpath.join(self.root, relative) if relative else self.root
@@ -216,16 +212,6 @@ class Storage:
         target = self.path(relative)
         self.fs.invalidate_cache(target)
         return self._call(f"stat {target}", lambda: self.fs.exists(target))
-
-    def list_dirs(self, relative: str) -> list[str]:
-        """Names of the directories directly under `relative` (empty if it does not exist)."""
-        target = self.path(relative)
-        self.fs.invalidate_cache(target)  # s3fs and gcsfs cache listings; another process may have written
-        try:
-            entries = self._call(f"list {target}", lambda: self.fs.ls(target, detail=True))
-        except FileNotFoundError:
-            return []
-        return sorted(posixpath.basename(e["name"].rstrip("/")) for e in entries if e["type"] == "directory")
 
     def list_files(self, relative: str, maxdepth: int | None = None) -> list[str]:
         """Paths (relative to the run) of every object below `relative`, in one listing where the store allows."""

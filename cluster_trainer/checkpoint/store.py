@@ -103,6 +103,10 @@ class CheckpointStore:
     def committed(self) -> list[str]:
         """Names of the committed checkpoints that count (not from a superseded attempt), newest first."""
         names, _ = self._listing()
+        return self._counting(names)
+
+    def _counting(self, names: list[str]) -> list[str]:
+        """`names` without the checkpoints a superseded attempt committed after it was replaced."""
         limits = fencing.cutoffs(self.storage)
         valid = []
         for name in names:
@@ -172,8 +176,8 @@ class CheckpointStore:
         A checkpoint is deleted manifest first, so a half-deleted one is never
         taken for committed. The newest committed checkpoint is never deleted.
         """
-        names = self.committed()  # a superseded attempt's or damaged checkpoints never count towards keep_last
-        _, uncommitted = self._listing()
+        listed, uncommitted = self._listing()  # one listing per commit
+        names = self._counting(listed)  # a superseded attempt's checkpoints never count towards keep_last
         entries = []
         for name in names:
             if name not in self._manifests:
