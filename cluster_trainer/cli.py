@@ -208,21 +208,14 @@ def _export(args) -> int:
 
 def _storage_options(args) -> dict:
     """`--storage-option key=value` pairs; values are typed like `--set` (true, 3, 1.5), else strings."""
-    import ast
+    from cluster_trainer.job import parse_value
 
     options = {}
     for item in args.storage_options:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ClusterTrainerError(f"--storage-option expects KEY=VALUE, got {key!r}")
-        lowered = value.lower()
-        if lowered in ("true", "false"):
-            options[key] = lowered == "true"
-        else:
-            try:
-                options[key] = ast.literal_eval(value)
-            except (ValueError, SyntaxError):
-                options[key] = value
+        options[key] = parse_value(value)
     return options
 
 

@@ -169,6 +169,22 @@ class Job:
         return list(made or [])
 
 
+def parse_value(raw: str) -> Any:
+    """A command-line value, typed: `true`/`false`, a Python literal, else the string itself.
+
+    Example:
+        >>> parse_value("1e-3"), parse_value("True"), parse_value("[1, 2]"), parse_value("adam")
+        (0.001, True, [1, 2], 'adam')
+    """
+    lowered = raw.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    try:
+        return ast.literal_eval(raw.strip())
+    except (ValueError, SyntaxError):
+        return raw
+
+
 def parse_override(assignment: str, config: Mapping[str, Any]) -> tuple[str, Any]:
     """Parse `key=value` into a typed value matching the config's current type.
 
@@ -189,16 +205,7 @@ def parse_override(assignment: str, config: Mapping[str, Any]) -> tuple[str, Any
     if key not in config:
         known = ", ".join(sorted(config)) or "(the job has no config)"
         raise ConfigError(f"--set {key}: no such config key; the job's keys are: {known}")
-    lowered = raw.strip().lower()
-    if lowered in ("true", "false"):
-        value: Any = lowered == "true"
-    elif lowered in ("none", "null"):
-        value = None
-    else:
-        try:
-            value = ast.literal_eval(raw.strip())
-        except (ValueError, SyntaxError):
-            value = raw
+    value = None if raw.strip().lower() in ("none", "null") else parse_value(raw)
     current = config[key]
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
