@@ -25,7 +25,7 @@ exit codes:
   {EXIT_BAD_INPUT}   bad input: usage, job file, --set, storage URI, or a checkpoint that
       does not fit the job; nothing stored was changed
   {EXIT_SUPERSEDED}   superseded: another process resumed this run; this one stopped without writing
-  {EXIT_PREEMPTED}  preempted (SIGTERM or SIGINT): state was committed at the batch boundary;
+  {EXIT_PREEMPTED}  preempted (SIGTERM, SIGINT or a --notice source): state was committed at the batch boundary;
       run the same command again to resume, with no step lost
 """
 
@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--devices", type=int,
                      help="replicas for MirroredStrategy: the first N GPUs, or N logical CPU devices "
                           "without GPUs (default: all GPUs, else 1)")
+    run.add_argument("--notice", dest="notices", action="append", default=[], metavar="SOURCE",
+                     help="also watch SOURCE for preemption notices: gce (GCE metadata), aws (EC2 spot "
+                          "instance-action), file:PATH (a file appearing); repeatable. SIGTERM/SIGINT always count. "
+                          "Default: the comma-separated list in CLUSTER_TRAINER_NOTICE")
     run.add_argument("--verbose", choices=["0", "1", "2", "auto"], default="auto",
                      help="0 silent, 1 progress bar, 2 one line per epoch (default: 1 on a terminal, else 2)")
 
@@ -88,10 +92,30 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("uri", metavar="URI")
     status.add_argument("--json", action="store_true", help="print JSON instead of text")
 
-    history = commands.add_parser("history", parents=[store], help="the run's epoch history, one row per epoch")
+    history = commands.add_parser(
+        "history", parents=[store], help="the run's history: one row per epoch, exactly once, as CSV, JSON, Parquet or a plot",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.dedent(
+            """\
+            Print the run's history: one row per finished epoch (metrics, learning rate,
+            epoch time, the attempt and host that finished it, whether it was resumed), as
+            committed with the run's checkpoints, so an interrupted run lists each epoch once.
+            The same table is <URI>/history/epochs.parquet, for pandas.read_parquet.
+
+            examples:
+              cluster-trainer history runs/mlp
+              cluster-trainer history gs://bucket/runs/mlp --format parquet -o mlp.parquet
+              cluster-trainer history runs/mlp --plot mlp.png     # metrics and LR, resumes marked
+              cluster-trainer history runs/mlp --steps            # rows every Job.history_every_steps
+            """
+        ),
+    )
     history.add_argument("uri", metavar="URI")
     history.add_argument("--format", choices=["csv", "json", "parquet"], default="csv")
     history.add_argument("--output", "-o", metavar="PATH", help="write to PATH instead of stdout (required for parquet)")
+    history.add_argument("--steps", action="store_true", help="the rows logged every N steps instead of per epoch")
+    history.add_argument("--plot", metavar="OUT.png",
+                         help="draw metrics and learning rate against epoch into OUT.png, resumed epochs marked")
 
     export = commands.add_parser("export", parents=[store], help="write the run's model as a standard .keras file")
     export.add_argument("uri", metavar="URI")
@@ -128,12 +152,14 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     from cluster_trainer.job import load_job
     from cluster_trainer.loop import train
+    from cluster_trainer.preemption import notice_sources, sources_from_environment
 
     job = load_job(args.job).with_overrides(args.overrides)
+    sources = notice_sources(args.notices) if args.notices else sources_from_environment()
     verbose = args.verbose if args.verbose == "auto" else int(args.verbose)
     result = train(
         job, args.storage, devices=args.devices, epochs=args.epochs, verbose=verbose,
-        storage_options=_storage_options(args),
+        storage_options=_storage_options(args), notice_sources=sources,
     )
     last = {k: v[-1] for k, v in result.history.items() if v}
     metrics = ", ".join(f"{k}={v:.6g}" for k, v in sorted(last.items()) if isinstance(v, float))
@@ -144,14 +170,14 @@ def _run(args) -> int:
 
 def _status(args) -> int:
     from cluster_trainer.checkpoint import CheckpointStore
-    from cluster_trainer.history import history_frame, latest_checkpoint
+    from cluster_trainer.history import RUN_COLUMNS, latest_checkpoint
     from cluster_trainer.storage import Storage
 
     options = _storage_options(args)
     checkpoint = latest_checkpoint(args.uri, options)
     state = checkpoint.state
     position = state["position"]
-    history = history_frame(checkpoint)
+    epochs = state["history"]["epochs"]
     info = {
         "uri": args.uri,
         "job": state["job"]["name"],
@@ -164,7 +190,8 @@ def _status(args) -> int:
         "attempt": checkpoint.attempt,
         "checkpoint": checkpoint.name,
         "committed_checkpoints": CheckpointStore(Storage(args.uri, options)).committed(),
-        "last_epoch": history.iloc[-1].to_dict() if len(history) else None,
+        "last_epoch": epochs[-1] if epochs else None,
+        "resumed_epochs": sum(1 for row in epochs if row["resumed"]),
     }
     if args.json:
         print(json.dumps(info, indent=2, default=float))
@@ -175,15 +202,23 @@ def _status(args) -> int:
           f"global step {info['global_step']}")
     print(f"attempt    {info['attempt']}  (checkpoint {info['checkpoint']}, {len(info['committed_checkpoints'])} kept)")
     if info["last_epoch"]:
-        metrics = "  ".join(f"{k}={v:.6g}" for k, v in info["last_epoch"].items() if k != "epoch")
-        print(f"last epoch {int(info['last_epoch']['epoch'])}: {metrics}")
+        last = info["last_epoch"]
+        metrics = "  ".join(f"{k}={v:.6g}" for k, v in last.items()
+                            if k not in ("epoch", "global_step", *RUN_COLUMNS) and v is not None)
+        print(f"last epoch {last['epoch']}: {metrics}  ({last['epoch_seconds']:.1f}s)")
     return EXIT_OK
 
 
 def _history(args) -> int:
-    from cluster_trainer.history import read_history
+    from cluster_trainer.history import plot_history, read_history
 
-    frame = read_history(args.uri, _storage_options(args))
+    frame = read_history(args.uri, _storage_options(args), steps=args.steps)
+    if args.plot:
+        if args.steps:
+            raise ClusterTrainerError("--plot draws the epoch history; leave out --steps")
+        plot_history(frame, args.plot, title=args.uri)
+        print(f"cluster-trainer: wrote {args.plot}", file=sys.stderr)
+        return EXIT_OK
     if args.format == "parquet":
         if not args.output:
             raise ClusterTrainerError("--format parquet needs --output PATH (Parquet is binary)")

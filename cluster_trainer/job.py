@@ -105,6 +105,8 @@ class Job:
         seed: the run seed: model initialisation, data order, dropout.
         config: hyperparameters; `--set key=value` overrides them with typed values.
         checkpoint: a `CheckpointPolicy`.
+        history_every_steps: also log a history row every N training steps (`<run>/history/steps.parquet`);
+            None logs one row per epoch only.
         deterministic: turn on TensorFlow op determinism (bitwise-equal resumes).
         storage_options: fsspec options for the run's store (an endpoint, a
             region); `--storage-option` overrides them. Not for secrets: use the
@@ -133,6 +135,7 @@ class Job:
     seed: int = 0
     config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     checkpoint: CheckpointPolicy = CheckpointPolicy()
+    history_every_steps: int | None = None
     deterministic: bool = True
     storage_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     source_path: str | None = None
@@ -151,6 +154,9 @@ class Job:
             raise JobError(f"Job.seed must be an integer from 0 to 2**32 - 1, got {self.seed!r}")
         if not isinstance(self.checkpoint, CheckpointPolicy):
             raise JobError("Job.checkpoint must be a cluster_trainer.CheckpointPolicy")
+        every = self.history_every_steps
+        if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 1):
+            raise JobError(f"Job.history_every_steps must be an integer >= 1, or None; got {every!r}")
         object.__setattr__(self, "config", dict(self.config))
 
     def with_overrides(self, assignments: Sequence[str]) -> "Job":

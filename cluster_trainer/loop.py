@@ -24,7 +24,7 @@ import socket
 import sys
 import time
 import uuid
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import keras
 import tensorflow as tf
@@ -34,8 +34,9 @@ from cluster_trainer.checkpoint import Checkpoint, CheckpointStore, CheckpointWr
 from cluster_trainer.data import as_source
 from cluster_trainer.devices import enable_determinism, make_strategy
 from cluster_trainer.errors import CheckpointError, JobError
+from cluster_trainer.history import HistoryRecorder
 from cluster_trainer.job import Job, RunContext
-from cluster_trainer.preemption import PreemptedError, PreemptionWatcher
+from cluster_trainer.preemption import NoticeSource, PreemptedError, PreemptionWatcher, sources_from_environment
 from cluster_trainer.state import (
     capture_model_state,
     capture_rng_state,
@@ -87,6 +88,8 @@ def train(
     strategy: tf.distribute.Strategy | None = None,
     storage_options: dict | None = None,
     echo: Callable[[str], None] | None = None,
+    notice_sources: Sequence[NoticeSource] | None = None,
+    handle_signals: bool = True,
 ) -> RunResult:
     """Run `job` to the end, storing checkpoints under `storage`; resume if it holds one.
 
@@ -100,6 +103,9 @@ def train(
         storage_options: fsspec options for the store (e.g. `{"endpoint_url": ...}`); they
             override the job's `storage_options`.
         echo: where to print one-line run messages (default: stderr).
+        notice_sources: polled preemption notice sources (default: those named in
+            `CLUSTER_TRAINER_NOTICE`, e.g. "gce"); see `cluster_trainer.preemption`.
+        handle_signals: treat SIGTERM/SIGINT as preemption notices (main thread only).
 
     Example:
         >>> result = train(load_job("jobs/mlp.py"), "runs/mlp")   # doctest: +SKIP
@@ -116,12 +122,14 @@ def train(
     store = CheckpointStore(run_storage, policy.retention(), shard_bytes=policy.shard_mb * 2**20)
     strategy = strategy or make_strategy(devices)
     resume = store.load_latest()
-    run = _Run(job, store, strategy, resume, verbose, echo)
-    run.preemption.install_signal_handlers()
+    if notice_sources is None:
+        notice_sources = sources_from_environment()
+    run = _Run(job, store, strategy, resume, verbose, echo, PreemptionWatcher(notice_sources))
+    run.preemption.start(handle_signals=handle_signals)
     try:
         return run.run()
     finally:
-        run.preemption.restore_signal_handlers()
+        run.preemption.stop()
         run.writer.close()
 
 
@@ -149,7 +157,8 @@ def build_compiled_model(job: Job, strategy: tf.distribute.Strategy, train_sourc
 
 
 class _Run:
-    def __init__(self, job: Job, store: CheckpointStore, strategy, resume: Checkpoint | None, verbose, echo):
+    def __init__(self, job: Job, store: CheckpointStore, strategy, resume: Checkpoint | None, verbose, echo,
+                 preemption: PreemptionWatcher):
         self.job = job
         self.store = store
         self.strategy = strategy
@@ -166,7 +175,7 @@ class _Run:
         self.writer.last_committed = resume.name if resume else None
         self.files = RunFiles(store.storage)
         self.run_id = resume.state.get("run_id") if resume else uuid.uuid4().hex  # one id for all attempts
-        self.preemption = PreemptionWatcher()
+        self.preemption = preemption
 
     # -- set-up ------------------------------------------------------------
 
@@ -213,7 +222,7 @@ class _Run:
 
     # -- checkpoints ---------------------------------------------------------
 
-    def _commit(self, epoch_logs: dict | None = None) -> None:
+    def _commit(self, epoch_logs: dict | None = None, publish: bool = False) -> None:
         """Copy the state to host memory and queue its commit; the upload runs in the background."""
         flush = getattr(self.callbacks, "_flush_futures", None)
         if flush is not None:  # async batch-end callbacks must have run before their state is read
@@ -242,7 +251,9 @@ class _Run:
                 "steps_per_epoch": self.steps_per_epoch,
             },
             "host": socket.gethostname(),
+            "history": self.recorder.state(),
         }
+        published = self.recorder.tables() if publish or self.recorder.changed else None
         if self.writer.last_error is not None:
             self.files.forget_uploads()
         extra_files = self.files.snapshot()
@@ -260,6 +271,7 @@ class _Run:
             extra_files=extra_files,
             run_id=self.run_id,
             position={k: getattr(self.position, k) for k in ("epoch", "batch", "global_step")},
+            published=published,
         )
 
     # -- the loop --------------------------------------------------------------
@@ -282,12 +294,14 @@ class _Run:
         # Registered before anything is written: from now on an older process of this run cannot commit.
         self.attempt = register_attempt(self.store.storage, resumed_from_sequence=self.resume.sequence if self.resume else 0)
         self.sequence = self.store.highest_sequence()  # past anything written, committed or not
+        self.recorder = HistoryRecorder(self.attempt, every_steps=self.job.history_every_steps)
         if self.resume is not None:
             callback_state.prepare_resume(self.stateful_callbacks, self.resume.state["callbacks"])
         self.model.stop_training = False
         self.callbacks.on_train_begin()
         if self.resume is not None:
             self._restore(self.resume)
+            self.recorder.restore(self.resume.state["history"], mid_epoch=self.position.batch > 0)
             p = self.position
             self.echo(
                 f"resuming run {self.job.name!r} at {self.uri} from {self.resume.name}: "
@@ -308,15 +322,15 @@ class _Run:
                     self.progbar.on_epoch_begin(epoch)
             else:
                 self.model.reset_metrics()
+                self.recorder.begin_epoch(epoch)
                 self.callbacks.on_epoch_begin(epoch)
-            epoch_started = time.monotonic()
             logs = self._train_epoch(epoch)
             epoch_logs = dict(self.model._get_metrics_result_or_logs(logs or {}))
             if self.val_source is not None:
                 epoch_logs.update({f"val_{k}": v for k, v in self._evaluate().items()})
             self.callbacks.on_epoch_end(epoch, epoch_logs)
             training_logs = epoch_logs
-            log.debug("epoch %d took %.2fs", epoch, time.monotonic() - epoch_started)
+            self.recorder.end_epoch(epoch, self.position.global_step, _pythonify(epoch_logs), self._learning_rate())
             self.position = dataclasses.replace(self.position, epoch=epoch + 1, batch=0, train_logs=None)
             self._last_logs = None
             if self.preemption.notice is not None:
@@ -329,7 +343,7 @@ class _Run:
         self.model.optimizer.finalize_variable_values(self.model.trainable_weights)
         self.callbacks.on_train_end(logs=training_logs)
         self.position.finished = True
-        self._commit()
+        self._commit(publish=True)
         self.writer.wait()
         if self.writer.stall_seconds > 0.5:
             self.echo(f"training waited {self.writer.stall_seconds:.1f}s in total for checkpoint uploads")
@@ -357,6 +371,8 @@ class _Run:
             batch += 1
             self._last_logs = logs
             self.position = dataclasses.replace(self.position, batch=batch, global_step=self.position.global_step + 1)
+            if self.recorder.step_due(self.position.global_step):
+                self.recorder.add_step(epoch, batch - 1, self.position.global_step, _pythonify(logs), self._learning_rate())
             if self.preemption.notice is not None:
                 self._flush_and_stop()
             if job.checkpoint.due_at_step(self.position.global_step):
@@ -395,7 +411,7 @@ class _Run:
         p = self.position
         self.echo(f"preemption notice ({notice.source}): committing at epoch {p.epoch + 1}, batch {p.batch} "
                   f"(global step {p.global_step}); {notice.seconds_left():.1f}s to the deadline")
-        self._commit(epoch_logs)
+        self._commit(epoch_logs, publish=True)
         self.writer.wait()
         took = time.monotonic() - notice.received_at
         left = notice.seconds_left()
@@ -407,6 +423,9 @@ class _Run:
             f"{p.global_step}, {took:.2f}s after the notice ({max(left, 0):.1f}s before the deadline). "
             "Run the same command again to resume"
         )
+
+    def _learning_rate(self) -> float:
+        return float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
 
     def _check_config(self, checkpoint: Checkpoint) -> None:
         stored = checkpoint.state["job"]

@@ -52,13 +52,15 @@ class CheckpointStore:
     def commit(
         self, *, sequence: int, step: int, attempt: int, tensors: dict[str, np.ndarray], state: dict[str, Any],
         metrics: dict[str, float] | None = None, epoch_end: int | None = None, extra_files: dict[str, bytes] | None = None,
-        run_id: str | None = None, position: dict[str, int] | None = None,
+        run_id: str | None = None, position: dict[str, int] | None = None, published: dict[str, bytes] | None = None,
     ) -> str:
         """Write a checkpoint, shards in parallel, and commit it by writing its manifest last.
 
         `extra_files` (paths relative to the run) are written before the
-        manifest too. Raises `SupersededError`, without committing, if a later
-        attempt of the run has registered.
+        manifest too. `published` files (views of the committed state, such as
+        the Parquet history) are written after it, overwriting: a failure there
+        is logged and does not undo the commit. Raises `SupersededError`,
+        without committing, if a later attempt of the run has registered.
         """
         started = time.monotonic()
         name = checkpoint_name(sequence, step, attempt)
@@ -70,6 +72,11 @@ class CheckpointStore:
         fencing.check_not_superseded(self.storage, attempt)
         self.storage.put(self._rel(name, MANIFEST), manifest)
         self._manifests[name] = {"metrics": metrics, "epoch_end": epoch_end}
+        for relative, data in (published or {}).items():
+            try:
+                self.storage.put(relative, data)
+            except Exception as e:  # the checkpoint is committed; the view catches up at the next commit
+                log.warning("%s not updated after committing %s: %s: %s", relative, name, type(e).__name__, e)
         log.debug("committed %s (%d bytes) in %.3fs", name, sum(map(len, files.values())), time.monotonic() - started)
         self.prune(current_attempt=attempt)
         return name
