@@ -68,6 +68,80 @@ class CheckpointPolicy:
 
 
 @dataclasses.dataclass(frozen=True)
+class Resources:
+    """What each attempt of a run asks its Ray cluster for; ignored when training in-process (`--no-ray`).
+
+    One attempt is one Ray actor on one node. MirroredStrategy runs over the
+    actor's GPUs (Ray sets `CUDA_VISIBLE_DEVICES` to the ones it assigned), or
+    over `--devices` logical CPU devices when it has none.
+
+    Args:
+        num_cpus: Ray's logical CPUs for the actor (scheduling only: TensorFlow
+            still uses the node's cores).
+        num_gpus: GPUs for the actor: a whole number, or a fraction below 1 to
+            share one GPU.
+        custom: custom resources a node must offer, e.g. `{"spot_a100": 1}` for
+            nodes started with `ray start --resources='{"spot_a100": 8}'`.
+        label_selector: node labels the actor must be placed on, e.g.
+            `{"pool": "spot"}` for nodes started with `ray start --labels pool=spot`,
+            or `{"pool": "!on-demand"}` (Ray's selector syntax: `value`, `!value`,
+            `in(a,b)`, `!in(a,b)`).
+
+    Example:
+        >>> Resources(num_gpus=4, custom={"spot_a100": 1}).ray_options()
+        {'num_cpus': 1, 'num_gpus': 4, 'resources': {'spot_a100': 1}}
+        >>> Resources(num_gpus=1.5)
+        Traceback (most recent call last):
+        ...
+        cluster_trainer.errors.JobError: Resources.num_gpus must be a whole number, or a fraction below 1 to share a GPU; got 1.5
+    """
+
+    num_cpus: float = 1
+    num_gpus: float = 0
+    custom: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    label_selector: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        for field in ("num_cpus", "num_gpus"):
+            value = getattr(self, field)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
+                raise JobError(f"Resources.{field} must be a number >= 0, got {value!r}")
+        if self.num_gpus > 1 and self.num_gpus != int(self.num_gpus):
+            raise JobError("Resources.num_gpus must be a whole number, or a fraction below 1 to share a GPU; "
+                           f"got {self.num_gpus!r}")
+        if not isinstance(self.custom, Mapping):
+            raise JobError(f"Resources.custom must be a dict of resource name -> amount, got {self.custom!r}")
+        for key, value in self.custom.items():
+            if not isinstance(key, str) or not key or key in ("CPU", "GPU", "memory", "object_store_memory"):
+                raise JobError(f"Resources.custom: {key!r} is not a custom resource name (use num_cpus/num_gpus for CPU/GPU)")
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise JobError(f"Resources.custom[{key!r}] must be a number > 0, got {value!r}")
+        if not isinstance(self.label_selector, Mapping) or not all(
+            isinstance(k, str) and k and isinstance(v, str) for k, v in self.label_selector.items()
+        ):
+            raise JobError(f"Resources.label_selector must be a dict of label -> value strings, got {self.label_selector!r}")
+        object.__setattr__(self, "custom", dict(self.custom))
+        object.__setattr__(self, "label_selector", dict(self.label_selector))
+
+    def ray_options(self) -> dict:
+        """The actor options Ray takes for these resources."""
+        options: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus}
+        if self.custom:
+            options["resources"] = dict(self.custom)
+        if self.label_selector:
+            options["label_selector"] = dict(self.label_selector)
+        return options
+
+    def describe(self) -> str:
+        """`CPU=1, GPU=4, spot_a100=1, labels pool=spot`, for messages."""
+        parts = [f"CPU={self.num_cpus:g}"] + ([f"GPU={self.num_gpus:g}"] if self.num_gpus else [])
+        parts += [f"{k}={v:g}" for k, v in sorted(self.custom.items())]
+        if self.label_selector:
+            parts.append("labels " + ",".join(f"{k}={v}" for k, v in sorted(self.label_selector.items())))
+        return ", ".join(parts)
+
+
+@dataclasses.dataclass(frozen=True)
 class RunContext:
     """What a job's `callbacks(config, run)` may ask about the run.
 
@@ -111,6 +185,9 @@ class Job:
         storage_options: fsspec options for the run's store (an endpoint, a
             region); `--storage-option` overrides them. Not for secrets: use the
             clouds' credential mechanisms.
+        resources: what each attempt asks a Ray cluster for (`Resources`: CPUs,
+            GPUs, custom resources, node labels); `--num-gpus`, `--num-cpus`,
+            `--resource` and `--label-selector` override it. Ignored in-process.
 
     Example:
         >>> import keras, numpy as np
@@ -138,6 +215,7 @@ class Job:
     history_every_steps: int | None = None
     deterministic: bool = True
     storage_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    resources: Resources = Resources()
     source_path: str | None = None
 
     def __post_init__(self):
@@ -157,6 +235,9 @@ class Job:
         every = self.history_every_steps
         if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 1):
             raise JobError(f"Job.history_every_steps must be an integer >= 1, or None; got {every!r}")
+        if not isinstance(self.resources, Resources):
+            raise JobError(f"Job.resources must be a cluster_trainer.Resources(num_cpus=..., num_gpus=..., ...), "
+                           f"got {self.resources!r}")
         object.__setattr__(self, "config", dict(self.config))
 
     def with_overrides(self, assignments: Sequence[str]) -> "Job":
