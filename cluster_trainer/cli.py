@@ -224,13 +224,24 @@ def _history(args) -> int:
             raise ClusterTrainerError("--format parquet needs --output PATH (Parquet is binary)")
         frame.to_parquet(args.output, index=False)
     else:
-        text = frame.to_csv(index=False) if args.format == "csv" else frame.to_json(orient="records", lines=True)
+        text = frame.to_csv(index=False) if args.format == "csv" else _json_lines(frame)
         if args.output:
             with open(args.output, "w") as f:
                 f.write(text)
         else:
             sys.stdout.write(text)
     return EXIT_OK
+
+
+def _json_lines(frame) -> str:
+    """One JSON object per row, floats in full precision (pandas' to_json rounds to 10 digits)."""
+    def plain(value):
+        if hasattr(value, "isoformat"):
+            return value.isoformat()
+        return value.item() if hasattr(value, "item") else str(value)
+
+    rows = frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
+    return "".join(json.dumps(row, default=plain) + "\n" for row in rows)
 
 
 def _export(args) -> int:

@@ -115,9 +115,22 @@ def _now() -> str:
     return pd.Timestamp.now(tz="UTC").isoformat()  # a string: the rows travel in the checkpoint's JSON
 
 
+def _columns(rows: list[dict]) -> list[str]:
+    """A fixed column order (rows restored from a checkpoint's JSON come back with sorted keys):
+    position, loss and metrics, their `val_` twins, learning rate, then how the run went."""
+    keys = {key for row in rows for key in row}
+    first = [k for k in ("epoch", "batch", "global_step") if k in keys]
+    last = [k for k in ("learning_rate", *RUN_COLUMNS) if k in keys]
+    metrics = sorted(keys - set(first) - set(last) - {k for k in keys if k.startswith("val_")},
+                     key=lambda k: (k != "loss", k))
+    validation = [f"val_{k}" for k in metrics if f"val_{k}" in keys]
+    others = sorted(keys - set(first) - set(last) - set(metrics) - set(validation))
+    return first + metrics + validation + others + last
+
+
 def _parquet(rows: list[dict]) -> bytes:
     # A metric logged in some rows only (a callback's key) is null elsewhere.
-    columns = list(dict.fromkeys(key for row in rows for key in row))
+    columns = _columns(rows)
     frame = pd.DataFrame(rows, columns=columns)
     frame["ended_at"] = pd.to_datetime(frame["ended_at"], utc=True)
     sink = io.BytesIO()
@@ -159,7 +172,21 @@ def read_history(uri: str, storage_options: dict | None = None, steps: bool = Fa
         if steps:
             raise ConfigError(f"the run at {uri} logs no step rows: set Job(history_every_steps=N)") from None
         return pd.DataFrame({"epoch": pd.Series(dtype="int64")})  # no epoch has finished yet
-    return pd.read_parquet(io.BytesIO(data))
+    return parquet_frame(data)
+
+
+def parquet_frame(data: bytes) -> pd.DataFrame:
+    """A Parquet file's bytes as a DataFrame.
+
+    Read with `ParquetFile`, not `pandas.read_parquet`: the latter goes through
+    pyarrow's dataset API, whose threads made about one process in twenty abort
+    at exit here ("terminate called without an active exception", pyarrow 25
+    and 26 under load).
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    return pq.ParquetFile(pa.BufferReader(data)).read().to_pandas()
 
 
 def plot_history(frame: pd.DataFrame, output: str, title: str = "") -> None:

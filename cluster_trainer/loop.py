@@ -249,6 +249,7 @@ class _Run:
                 "batch_size": self.job.batch_size,
                 "seed": self.job.seed,
                 "steps_per_epoch": self.steps_per_epoch,
+                "checkpoint_every_steps": self.job.checkpoint.every_steps,
             },
             "host": socket.gethostname(),
             "history": self.recorder.state(),

@@ -6,6 +6,8 @@ import json
 import pandas as pd
 import pytest
 
+from cluster_trainer.history import parquet_frame, read_history
+
 from harness import ROOT, cli, latest, tree_digest
 
 MLP = str(ROOT / "jobs" / "mlp.py")
@@ -67,7 +69,7 @@ def test_status_history_and_export_of_a_finished_run(mlp_reference, tmp_path):
 
     parquet = tmp_path / "history.parquet"
     assert cli("history", str(mlp_reference), "--format", "parquet", "-o", str(parquet)).returncode == 0
-    pd.testing.assert_frame_equal(pd.read_parquet(parquet), frame)
+    pd.testing.assert_frame_equal(parquet_frame(parquet.read_bytes()), read_history(str(mlp_reference)))
 
     out = tmp_path / "model.keras"
     export = cli("export", str(mlp_reference), str(out))

@@ -7,12 +7,18 @@ the process at an exact point, right after the checkpoint committed before it.
 Without the variable the callback does nothing, and it is in the uninterrupted
 reference runs too, so both runs have the same callback list.
 
+`CT_TEST_NOTICE_AT=<hook>:<global step>` makes the process send itself SIGTERM
+(a preemption notice) there, `CT_TEST_NOTICE_COUNT` times (default once).
+`CT_TEST_STEP_SLEEP=<seconds>` slows every training step, to give a test time
+to act while the run is training.
+
 `CT_TEST_JOB=mlp|cnn` picks the example job; `CT_TEST_EVERY_STEPS` overrides
 its checkpoint interval.
 """
 
 import dataclasses
 import os
+import signal
 import time
 
 import keras
@@ -29,6 +35,10 @@ class PauseForKill(keras.callbacks.Callback):
         hook, _, step = os.environ.get("CT_TEST_PAUSE_AT", ":").partition(":")
         self._hook, self._step = hook, int(step) if step else None
         self._marker = os.environ.get("CT_TEST_PAUSE_MARKER")
+        hook, _, step = os.environ.get("CT_TEST_NOTICE_AT", ":").partition(":")
+        self._notice_hook, self._notice_step = hook, int(step) if step else None
+        self._notices = int(os.environ.get("CT_TEST_NOTICE_COUNT", "1"))
+        self._step_sleep = float(os.environ.get("CT_TEST_STEP_SLEEP", "0"))
 
     # Where to pause is this process's business, not the run's: keep it out of the checkpoint.
     def get_state(self):
@@ -38,13 +48,22 @@ class PauseForKill(keras.callbacks.Callback):
         pass
 
     def _maybe_pause(self, hook):
-        if hook == self._hook and int(self.model.optimizer.iterations.numpy()) == self._step:
+        step = int(self.model.optimizer.iterations.numpy())
+        if hook == self._notice_hook and step == self._notice_step:
+            self._notice_step = None  # once, even if this step's hooks run again after a resume
+            for _ in range(self._notices):
+                os.kill(os.getpid(), signal.SIGTERM)
+        if hook == self._hook and step == self._step:
             with open(self._marker, "w") as f:
                 f.write(f"{hook}:{self._step}\n")
             time.sleep(600)  # the test kills us here
 
     def on_train_batch_begin(self, batch, logs=None):
         self._maybe_pause("train_batch_begin")
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self._step_sleep:
+            time.sleep(self._step_sleep)
 
     def on_test_begin(self, logs=None):
         self._maybe_pause("test_begin")

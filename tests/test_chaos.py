@@ -1,0 +1,43 @@
+"""The chaos harness: many SIGTERMs and SIGKILLs, one run, the same result as no interruption."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from cluster_trainer.chaos import compare_runs, run_chaos
+from cluster_trainer.history import read_history
+from harness import ROOT, cli_env, latest
+
+
+@pytest.mark.slow
+def test_ten_mixed_interruptions_of_the_seed_mlp_end_bitwise_equal_with_each_history_row_once(tmp_path):
+    messages = []
+    report = run_chaos(str(ROOT / "jobs" / "mlp.py"), str(tmp_path / "run"), interruptions=12, seed=2,
+                       run_args=["--devices", "2"], env=cli_env(), echo=messages.append)
+    summary = report.summary()
+    assert len(report.interruptions) >= 10, summary
+    assert {i.signal for i in report.interruptions} == {"SIGTERM", "SIGKILL"}, summary
+    # A notice loses nothing: the commit is at the batch where the process stopped.
+    assert all(i.steps_rerun == 0 and i.exit_code == 75 for i in report.interruptions if i.signal == "SIGTERM"), summary
+    assert report.ok, summary  # tensors bitwise, callback state, position, RNGs, histories
+    # EarlyStopping ends the seed job after 9 epochs; each epoch and each 4th step is logged once.
+    epochs = read_history(str(tmp_path / "run"))
+    assert list(epochs["epoch"]) == list(range(9)) and report.epoch_rows == 9
+    steps = read_history(str(tmp_path / "run"), steps=True)
+    assert list(steps["global_step"]) == list(range(4, report.total_steps + 1, 4))
+    # The interruptions show in the run columns: later attempts finished later epochs.
+    assert epochs["attempt"].is_monotonic_increasing and epochs["attempt"].max() > 1
+
+
+def test_the_comparison_finds_a_single_flipped_bit(mlp_reference):
+    reference = latest(mlp_reference)
+    assert compare_runs(reference, reference) == []
+    key = next(k for k in reference.tensors if k.startswith("model/trainable"))
+    changed = dict(reference.tensors)
+    flipped = changed[key].copy()
+    flipped.view(np.uint32).flat[0] ^= 1  # the last bit of the first float
+    changed[key] = flipped
+    assert compare_runs(reference, dataclasses.replace(reference, tensors=changed)) == [f"tensor {key} differs"]
+    state = {**reference.state, "callbacks": {**reference.state["callbacks"], "extra": {}}}
+    assert compare_runs(reference, dataclasses.replace(reference, state=state)) == ["callbacks state differs"]
