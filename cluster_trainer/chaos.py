@@ -45,7 +45,7 @@ from cluster_trainer.storage import Storage
 
 WRAPPER_JOB = str(Path(__file__).with_name("chaos_job.py"))
 # Training runs in the subprocess itself, not in a Ray actor: the harness signals that process.
-RUN_IN_PROCESS = ()  # DEV
+RUN_IN_PROCESS = ("--no-ray",)
 START_TIMEOUT = 300.0
 
 
