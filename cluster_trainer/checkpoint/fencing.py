@@ -73,15 +73,31 @@ def register_attempt(storage: Storage, resumed_from_sequence: int) -> int:
     raise ClusterTrainerError(f"could not register an attempt under {storage.path(ATTEMPTS)}: too many concurrent starts")
 
 
+# Registrations of attempts older than the newest never change (each was created once, exclusively):
+# read each once per process, not at every commit.
+_settled: dict[str, int] = {}
+
+
 def cutoffs(storage: Storage) -> dict[int, int]:
-    """For each superseded attempt, the last sequence of its that still counts."""
+    """For each superseded attempt, the last sequence of its that still counts.
+
+    Lists the attempts afresh each time (an attempt registered a moment ago must
+    count before anything is pruned); only the settled registrations are cached.
+    """
     registered = _registered(storage)
+    newest = max(registered, default=0)
     resumed_from = {}
     for attempt, path in registered.items():
+        key = storage.path(path)
+        if key in _settled:
+            resumed_from[attempt] = _settled[key]
+            continue
         try:
             resumed_from[attempt] = json.loads(storage.get(path))["resumed_from_sequence"]
         except (ValueError, KeyError, FileNotFoundError):
             continue
+        if attempt < newest:
+            _settled[key] = resumed_from[attempt]
     limits: dict[int, int] = {}
     later_minimum = None
     for attempt in sorted(resumed_from, reverse=True):
