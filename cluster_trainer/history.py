@@ -28,7 +28,6 @@ import io
 import math
 import socket
 import time
-from typing import Any
 
 import pandas as pd
 

@@ -7,8 +7,6 @@ and EC2's (IMDSv2: a session token first); the runs are real processes.
 import http.server
 import json
 import re
-import subprocess
-import sys
 import threading
 import time
 from datetime import datetime, timedelta, timezone
@@ -20,7 +18,7 @@ import pytest
 from cluster_trainer.preemption import AwsSpotNotice, FileNotice, GceMetadataNotice, PreemptionWatcher, notice_sources
 from cluster_trainer.errors import ConfigError
 from faulty_proxy import FaultyProxy
-from harness import ROOT, assert_bitwise_equal_runs, cli, cli_env, latest, train_cmd
+from harness import assert_bitwise_equal_runs, cli, latest, start_training, train_cmd
 from cluster_trainer.checkpoint import CheckpointStore
 from cluster_trainer.history import read_history
 from cluster_trainer.storage import Storage
@@ -152,22 +150,6 @@ def test_an_unknown_notice_source_is_a_one_line_error():
     assert result.returncode == 2 and "unknown notice source 'file'" in result.stderr
 
 
-def _run_until_training(storage, *extra, **env) -> tuple[subprocess.Popen, "Path"]:
-    log = storage.parent / f"{storage.name}.log"
-    with open(log, "w") as sink:
-        process = subprocess.Popen([sys.executable, "-m", "cluster_trainer", *train_cmd(storage, *extra)],
-                                   env=cli_env(**env), stdout=sink, stderr=subprocess.STDOUT, cwd=ROOT)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and process.poll() is None:
-        try:
-            if latest(storage).step > 0:
-                break
-        except AssertionError:
-            pass
-        time.sleep(0.05)
-    return process, log
-
-
 def _flushed_position(output: str) -> tuple[int, int, int]:
     committed = re.search(r"committing at epoch (\d+), batch (\d+) \(global step (\d+)\)", output)
     assert committed, output
@@ -181,7 +163,7 @@ def test_a_metadata_notice_flushes_the_run_at_a_batch_boundary(cloud, metadata, 
     storage = tmp_path / "run"
     env = {"GCE_METADATA_HOST": metadata.host, "AWS_EC2_METADATA_SERVICE_ENDPOINT": f"http://{metadata.host}",
            "CT_TEST_STEP_SLEEP": "0.03", "CLUSTER_TRAINER_GRACE_SECONDS": "20"}
-    process, log = _run_until_training(storage, "--notice", cloud, **env)
+    process, log = start_training(storage, "--notice", cloud, **env)
     try:
         metadata.preempt()
         process.wait(timeout=60)

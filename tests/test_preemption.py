@@ -3,14 +3,12 @@
 import random
 import re
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 
 from cluster_trainer.preemption import PreemptionWatcher
-from harness import ROOT, assert_bitwise_equal_runs, cli, cli_env, latest, train_cmd
+from harness import assert_bitwise_equal_runs, cli, latest, start_training, train_cmd
 
 EXIT_PREEMPTED = 75
 
@@ -28,20 +26,8 @@ def test_the_first_notice_sets_the_deadline_and_a_second_does_not_move_it():
 def test_sigterm_at_a_random_batch_commits_there_exits_75_and_resumes_with_no_step_rerun(mlp_reference, tmp_path):
     storage = tmp_path / "run"
     grace = 15.0
-    log = tmp_path / "first.log"
-    with open(log, "w") as sink:
-        process = subprocess.Popen([sys.executable, "-m", "cluster_trainer", *train_cmd(storage)],
-                                   env=cli_env(CLUSTER_TRAINER_GRACE_SECONDS=str(grace)), stdout=sink,
-                                   stderr=subprocess.STDOUT, cwd=ROOT)
+    process, log = start_training(storage, CLUSTER_TRAINER_GRACE_SECONDS=str(grace))
     try:
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline and process.poll() is None:  # training has begun
-            try:
-                if latest(storage).step > 0:
-                    break
-            except AssertionError:
-                pass
-            time.sleep(0.05)
         time.sleep(random.Random(75).uniform(0.0, 1.0))
         process.send_signal(signal.SIGTERM)
         sent = time.monotonic()
