@@ -12,6 +12,7 @@ k8s/submit_once.py, the CronJob's submitter, is run against a fake Ray job clien
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import functools
@@ -124,7 +125,7 @@ def gpus(container: dict) -> int:
 
 
 def spot_cloud(pod: dict) -> str | None:
-    """"gke" or "eks" when the pod is placed on Spot nodes only, else None."""
+    """The cloud ("gke" or "eks") whose Spot nodes alone the pod may run on, else None."""
     if pod.get("nodeSelector", {}).get("cloud.google.com/gke-spot") == "true":
         return "gke"
     terms = pod.get("affinity", {}).get("nodeAffinity", {}).get(
@@ -136,36 +137,55 @@ def spot_cloud(pod: dict) -> str | None:
     return None
 
 
+def on_demand_only(pod: dict) -> bool:
+    """The pod is kept off Spot nodes (GKE Spot and preemptible, EKS managed Spot and Karpenter Spot)."""
+    terms = pod.get("affinity", {}).get("nodeAffinity", {}).get(
+        "requiredDuringSchedulingIgnoredDuringExecution", {}).get("nodeSelectorTerms", [])
+    keeps_off = {("cloud.google.com/gke-spot", "DoesNotExist", None),
+                 ("eks.amazonaws.com/capacityType", "In", ("ON_DEMAND",)),
+                 ("karpenter.sh/capacity-type", "In", ("on-demand",))}
+    return bool(terms) and all(
+        any((e["key"], e["operator"], tuple(e["values"]) if "values" in e else None) in keeps_off
+            for e in t["matchExpressions"]) for t in terms)
+
+
 # -- commands: what each manifest runs ----------------------------------------------------------
 
 
+KUBELET_REF = re.compile(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)")
+JOB_NAME_FIELD = "metadata.labels['batch.kubernetes.io/job-name']"
+
+
 def expand_kubelet_refs(text: str, container: dict, cronjob: str | None) -> str:
-    """Expand `$(VAR)` as the kubelet does; a reference to a variable the container lacks is an error
-    (the kubelet would pass it on literally)."""
+    """`$(VAR)` expanded as the kubelet does for a pod of a CronJob's Job scheduled at SAMPLE_MINUTES.
+
+    A variable the container does not define stays `$(VAR)`, as the kubelet leaves it; a downward-API
+    field other than the Job name becomes `<field>`.
+    """
     env = {e["name"]: e for e in container.get("env", [])}
 
     def value(match):
-        name = match.group(1)
-        assert name in env, f"$({name}) in {container['name']}'s command is not one of its env variables"
-        var = env[name]
+        var = env.get(match.group(1))
+        if var is None:
+            return match.group(0)
         if "value" in var:
             return var["value"]
-        field = var["valueFrom"]["fieldRef"]["fieldPath"]
-        assert field == "metadata.labels['batch.kubernetes.io/job-name']" and cronjob, field
-        return f"{cronjob}-{SAMPLE_MINUTES}"
+        field = var["valueFrom"].get("fieldRef", {}).get("fieldPath")
+        return f"{cronjob}-{SAMPLE_MINUTES}" if field == JOB_NAME_FIELD and cronjob else f"<{field}>"
 
-    return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", value, text)
+    return KUBELET_REF.sub(value, text)
 
 
 def trainer_commands():
-    """(where, argv after `cluster-trainer`, pod spec or None, role) of every trainer command in k8s/.
+    """(where, command, pod spec, container, role) of every trainer command in k8s/, as it will run.
 
-    A container running `cluster-trainer ...` or `python -m cluster_trainer ...`; the part after `--`
-    of the CronJob's submitter (what it submits to Ray); a RayJob's entrypoint.
+    A container running `cluster-trainer ...` or `python -m cluster_trainer ...` (role head, worker
+    or job); what the CronJob's submitter submits to Ray, the part after its `--` ("submitted"); a
+    RayJob's entrypoint ("rayjob"; no pod or container: it runs on the head).
     """
     for name, doc in documents():
         if doc["kind"] == "RayJob":
-            yield where(name, doc), strip_program(shlex.split(doc["spec"]["entrypoint"])), None, "rayjob"
+            yield where(name, doc), shlex.split(doc["spec"]["entrypoint"]), None, None, "rayjob"
         cronjob = doc["metadata"]["name"] if doc["kind"] == "CronJob" else None
         for role, pod in pod_specs(doc):
             for container in pod["containers"]:
@@ -173,22 +193,30 @@ def trainer_commands():
                         for a in container.get("command", []) + container.get("args", [])]
                 label = f"{where(name, doc)} container {container['name']}"
                 if argv[:1] == ["python"] and argv[1].endswith("submit_once.py"):
-                    assert "--" in argv, f"{label}: no command after --"
-                    yield label, strip_program(argv[argv.index("--") + 1:]), pod, "submitted"
+                    yield label, argv[argv.index("--") + 1:] if "--" in argv else [], pod, container, "submitted"
                 elif argv[:1] == ["cluster-trainer"] or argv[:3] == ["python", "-m", "cluster_trainer"]:
-                    yield label, strip_program(argv), pod, role
+                    yield label, argv, pod, container, role
 
 
 def strip_program(argv: list[str]) -> list[str]:
+    """The arguments after `cluster-trainer` or `python -m cluster_trainer`."""
     if argv[:1] == ["cluster-trainer"]:
         return argv[1:]
     if argv[:3] == ["python", "-m", "cluster_trainer"]:
         return argv[3:]
-    raise AssertionError(f"not a cluster-trainer command: {argv}")
+    pytest.fail(f"not a cluster-trainer command: {argv}")
 
 
-def parse_cli(label: str, argv: list[str]):
-    """The CLI's own parser's verdict on argv (argparse prints the reason and exits 2)."""
+@functools.cache
+def run_options() -> frozenset[str]:
+    """Every option string of `cluster-trainer run`."""
+    (commands,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    return frozenset(o for action in commands.choices["run"]._actions for o in action.option_strings)
+
+
+def parse_cli(label: str, command: list[str]):
+    """The CLI's own parser's verdict on a command (argparse prints the reason and exits 2)."""
+    argv = strip_program(command)
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         try:
@@ -258,7 +286,7 @@ def cel_fields(schema: dict, value, path: str = ""):
 
 
 def kuberay_errors(doc: dict) -> list[str]:
-    group, version = doc["apiVersion"].split("/")
+    _, version = doc["apiVersion"].split("/")
     schema = crd_schema(doc["kind"], version)
     errors = [f"{'.'.join(map(str, e.absolute_path)) or '(top)'}: {e.message}"
               for e in jsonschema.Draft7Validator(schema).iter_errors(doc)]
@@ -291,14 +319,14 @@ def test_the_manifests_cover_the_issue():
     assert kinds == ["CronJob", "RayCluster", "RayJob", "ServiceAccount"], kinds
     assert {spot_cloud(pod) for _, doc in docs_of("RayCluster") for role, pod in pod_specs(doc)
             if role == "worker"} == {"gke", "eks"}, "a RayCluster with Spot workers for each of GKE and EKS"
-    modes = {"no-ray" if "--no-ray" in argv else "ray" for _, argv, _, _ in TRAINER_COMMANDS}
+    modes = {"no-ray" if "--no-ray" in argv else "ray" for _, argv, *_ in TRAINER_COMMANDS}
     assert modes == {"ray", "no-ray"}, "runs on Ray, and a run in a plain pod"
     assert {role for *_, role in TRAINER_COMMANDS} == {"rayjob", "submitted", "job"}
 
 
 def test_schema_checks_catch_unknown_and_wrong_fields():
     """The checks above can fail: a typo, a wrong type and a bad core field are all reported."""
-    name, cluster = docs_of("RayCluster")[0]
+    _, cluster = docs_of("RayCluster")[0]
     broken = copy.deepcopy(cluster)
     worker = broken["spec"]["workerGroupSpecs"][0]["template"]["spec"]
     worker["terminationGracePeriodSecond"] = worker.pop("terminationGracePeriodSeconds")  # typo
@@ -307,7 +335,7 @@ def test_schema_checks_catch_unknown_and_wrong_fields():
     errors = "\n".join(kuberay_errors(broken))
     assert "terminationGracePeriodSecond" in errors and "'two'" in errors and "lables" in errors, errors
 
-    name, cronjob = docs_of("CronJob")[0]
+    _, cronjob = docs_of("CronJob")[0]
     broken = copy.deepcopy(cronjob)
     broken["spec"]["jobTemplate"]["spec"]["podFailurePolicy"]["rules"][0]["onPodCondition"] = []
     with pytest.raises(kubernetes_validate.ValidationError):
@@ -324,10 +352,13 @@ def test_schema_checks_catch_unknown_and_wrong_fields():
 # -- commands -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("label, argv, pod, role", TRAINER_COMMANDS, ids=[c[0] for c in TRAINER_COMMANDS])
-def test_commands_are_ones_the_cli_accepts(label, argv, pod, role):
+@pytest.mark.parametrize("label, argv, pod, container, role", TRAINER_COMMANDS, ids=[c[0] for c in TRAINER_COMMANDS])
+def test_commands_are_ones_the_cli_accepts(label, argv, pod, container, role):
     args = parse_cli(label, argv)
     assert args.command == "run", f"{label}: {argv}"
+    # argparse also takes unique prefixes (--stor); a later option could make one ambiguous.
+    abbreviated = [a for a in strip_program(argv) if a.startswith("--") and a.partition("=")[0] not in run_options()]
+    assert not abbreviated, f"{label}: spell options out: {abbreviated}"
     assert args.job.startswith(INSTALL_DIR), f"{label}: job files are in the image at {INSTALL_DIR}"
     assert re.match(r"(gs|s3)://", args.storage), f"{label}: a run on Kubernetes lives in an object store"
 
@@ -337,8 +368,8 @@ def worker_gpus() -> set[int]:
             for c in pod["containers"]}
 
 
-@pytest.mark.parametrize("label, argv, pod, role", TRAINER_COMMANDS, ids=[c[0] for c in TRAINER_COMMANDS])
-def test_commands_run_where_they_should_with_the_gpus_they_get(label, argv, pod, role):
+@pytest.mark.parametrize("label, argv, pod, container, role", TRAINER_COMMANDS, ids=[c[0] for c in TRAINER_COMMANDS])
+def test_commands_run_where_they_should_with_the_gpus_they_get(label, argv, pod, container, role):
     args = parse_cli(label, argv)
     if role in ("rayjob", "submitted"):
         # On a Ray head under `ray job submit`: connect to that cluster, never start a local Ray, and
@@ -349,7 +380,7 @@ def test_commands_run_where_they_should_with_the_gpus_they_get(label, argv, pod,
     else:
         # In a plain pod: the trainer is the process Kubernetes restarts.
         assert args.no_ray, f"{label}: a plain pod has no Ray cluster to join; use --no-ray"
-        have = gpus(next(c for c in pod["containers"] if c.get("command") == ["cluster-trainer"]))
+        have = gpus(container)
         assert have >= 1 and (args.devices or have) <= have, f"{label}: --devices {args.devices}, {have} GPUs"
 
 
@@ -399,16 +430,13 @@ def test_ray_heads_have_time_for_rays_own_drain_and_stay_off_spot():
         ray_drain = float(literal_env(container).get("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S",
                                                      RAY_DRAIN_DEFAULT_SECONDS))
         assert pod.get("terminationGracePeriodSeconds", 30) >= ray_drain + EXIT_SECONDS, label
-        assert spot_cloud(pod) is None and "cloud.google.com/gke-spot" not in pod.get("nodeSelector", {}), label
-        terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"]
-        assert terms, f"{label}: pin the head to on-demand nodes"
+        assert on_demand_only(pod), f"{label}: losing the head loses the cluster; keep it off Spot nodes"
 
 
 def test_plain_trainer_pods_have_time_to_flush():
-    for label, argv, pod, role in TRAINER_COMMANDS:
-        if role != "job":
-            continue
-        container = next(c for c in pod["containers"] if c.get("command") == ["cluster-trainer"])
+    plain = [(label, pod, container) for label, _, pod, container, role in TRAINER_COMMANDS if role == "job"]
+    assert plain
+    for label, pod, container in plain:
         grace, _ = budget(container)
         have = pod.get("terminationGracePeriodSeconds", 30)
         assert have >= grace + EXIT_SECONDS, f"{label}: terminationGracePeriodSeconds {have} < {grace} + {EXIT_SECONDS}"
@@ -422,10 +450,12 @@ def prestop_hooks() -> dict[str, list[str]]:
     """The preStop hook's script -> the worker groups that use it."""
     hooks: dict[str, list[str]] = {}
     for label, role, pod in pods_with_roles():
-        if role == "worker":
-            command = pod["containers"][0]["lifecycle"]["preStop"]["exec"]["command"]
-            assert command[:2] == ["/bin/bash", "-c"], command
-            hooks.setdefault(command[2], []).append(label)
+        hook = pod["containers"][0].get("lifecycle", {}).get("preStop")
+        if role == "worker" and hook:  # a worker without one fails test_ray_workers_have_time_to_drain_and_flush
+            command = hook["exec"]["command"]
+            # The tests below run the script with bash; anything else is shown as it is, and fails there.
+            script = command[2] if command[:2] == ["/bin/bash", "-c"] and len(command) == 3 else shlex.join(command)
+            hooks.setdefault(script, []).append(label)
     return hooks
 
 
@@ -433,13 +463,17 @@ def test_every_worker_group_uses_the_same_prestop_hook():
     assert len(prestop_hooks()) == 1, "the preStop hooks differ: " + repr(list(prestop_hooks().values()))
 
 
-def test_prestop_hook_drains_this_node_with_flags_this_ray_accepts(tmp_path):
+HOOKS = [pytest.param(script, id=" + ".join(labels)) for script, labels in prestop_hooks().items()]
+
+
+@pytest.mark.parametrize("script", HOOKS)
+def test_prestop_hook_drains_this_node_with_flags_this_ray_accepts(tmp_path, script):
     """Run the hook with a fake `ray` that records its arguments, then parse them with Ray's own
     `ray drain-node` command: the reason is PREEMPTION and the deadline is the flush budget."""
-    click = pytest.importorskip("click")
-    from ray.scripts.scripts import drain_node  # the installed Ray, the one pyproject.toml pins
+    # The installed Ray, the one pyproject.toml pins, and the click it is built on.
+    import click
+    from ray.scripts.scripts import drain_node
 
-    (script,) = prestop_hooks()
     fake = tmp_path / "bin"
     fake.mkdir()
     record = tmp_path / "ray-args"
@@ -461,7 +495,8 @@ def test_prestop_hook_drains_this_node_with_flags_this_ray_accepts(tmp_path):
     # Without RAY_ADDRESS, `ray drain-node` would start and drain a new local Ray: the hook refuses.
     record.unlink()
     env.pop("RAY_ADDRESS")
-    assert subprocess.run(["/bin/bash", "-c", script], env=env, timeout=10, capture_output=True).returncode != 0
+    refused = subprocess.run(["/bin/bash", "-c", script], env=env, timeout=10, capture_output=True, check=False)
+    assert refused.returncode != 0 and b"RAY_ADDRESS" in refused.stderr
     assert not record.exists()
 
 
@@ -473,8 +508,8 @@ def raylet_running() -> bool:
     return False
 
 
-def test_prestop_hook_waits_for_the_raylet_at_most_the_flush_budget(tmp_path):
-    (script,) = prestop_hooks()
+@pytest.mark.parametrize("script", HOOKS)
+def test_prestop_hook_waits_for_the_raylet_at_most_the_flush_budget(tmp_path, script):
     fake = tmp_path / "bin"
     fake.mkdir()
     (fake / "ray").write_text("#!/bin/sh\nexit 0\n")
@@ -500,10 +535,6 @@ def test_prestop_hook_waits_for_the_raylet_at_most_the_flush_budget(tmp_path):
 
 
 # -- Jobs and CronJobs --------------------------------------------------------------------------
-
-
-def containers_of(pod: dict) -> dict[str, dict]:
-    return {c["name"]: c for c in pod["containers"]}
 
 
 def policy_actions(job: dict) -> tuple[str | None, dict[int, str]]:
@@ -538,6 +569,7 @@ def test_jobs_do_not_spend_their_backoff_limit_on_preemptions(name, doc):
         else:  # the submitter: it exits EXIT_FINAL when a retry cannot help
             assert codes.get(submit_once().EXIT_FINAL) == "FailJob", label
             assert submit_once().EXIT_RETRY not in codes, f"{label}: exit {submit_once().EXIT_RETRY} is retried"
+            assert on_demand_only(pod), f"{label}: it follows a run for hours; Spot nodes would only churn it"
 
 
 @pytest.mark.parametrize("name, doc", docs_of("CronJob"), ids=lambda x: x if isinstance(x, str) else x["kind"])
@@ -547,9 +579,11 @@ def test_each_schedule_is_one_run_with_one_id_and_one_storage_uri(name, doc):
     assert len(doc["metadata"]["name"]) <= 52, f"{label}: Job names are <cronjob>-<11 digits>, at most 63"
     (container,) = doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"]
     env = {e["name"]: e for e in container.get("env", [])}
-    assert env["JOB_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == \
-        "metadata.labels['batch.kubernetes.io/job-name']", f"{label}: JOB_NAME from the pod's Job label"
+    assert env["JOB_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == JOB_NAME_FIELD, \
+        f"{label}: JOB_NAME from the pod's Job label"
     argv = container.get("command", []) + container.get("args", [])
+    undefined = {ref for a in argv for ref in KUBELET_REF.findall(a)} - set(env)
+    assert not undefined, f"{label}: the kubelet leaves $({undefined.pop()}) as it is: not in env"
     storage = [a for a in argv if a.startswith("--storage")]
     assert len(storage) == 1 and storage[0].endswith("/$(JOB_NAME)"), f"{label}: --storage per Job: {storage}"
     if "--" in argv:  # submitted to Ray: the submission id is the same Job name
@@ -575,17 +609,18 @@ def test_credentials_come_from_service_accounts_not_secrets():
             assert pod.get("automountServiceAccountToken") is False, f"{label}: the submitter needs no identity"
         else:
             assert pod.get("serviceAccountName") == SERVICE_ACCOUNT, f"{label} {role}: reads and writes the run"
-    annotations = {doc["metadata"]["name"] + "/" + name: doc["metadata"].get("annotations", {})
-                   for name, doc in docs_of("ServiceAccount")}
-    assert {a for anns in annotations.values() for a in anns} == {
-        "iam.gke.io/gcp-service-account", "eks.amazonaws.com/role-arn"}, annotations
+    # One service account per cloud, same name: GKE Workload Identity, EKS IRSA.
+    identities = {name: sorted(doc["metadata"].get("annotations", {})) for name, doc in docs_of("ServiceAccount")}
+    assert identities == {"serviceaccount-gke.yaml": ["iam.gke.io/gcp-service-account"],
+                          "serviceaccount-eks.yaml": ["eks.amazonaws.com/role-arn"]}, identities
     assert {doc["metadata"]["name"] for _, doc in docs_of("ServiceAccount")} == {SERVICE_ACCOUNT}
 
 
 def test_containers_run_as_a_non_root_user_without_privilege_escalation():
     for label, role, pod in pods_with_roles():
         assert pod["securityContext"]["runAsNonRoot"] is True, label
-        assert pod["securityContext"]["runAsUser"] == dockerfile_user()[0], f"{label}: the image's user"
+        assert (pod["securityContext"]["runAsUser"], pod["securityContext"]["runAsGroup"]) == dockerfile_user(), \
+            f"{label}: run as the image's user, who owns {INSTALL_DIR}"
         for container in pod["containers"]:
             assert container["securityContext"]["allowPrivilegeEscalation"] is False, \
                 f"{label}: the base image gives its user sudo"
@@ -605,11 +640,11 @@ def dockerfile() -> str:
 
 
 def dockerfile_args() -> dict[str, str]:
-    return dict(re.findall(r"^ARG (\w+)=(\S+)$", dockerfile(), re.M))
+    return dict(re.findall(r"^ARG (\w+)=(\S+)$", dockerfile(), re.MULTILINE))
 
 
 def dockerfile_user() -> tuple[int, int]:
-    users = re.findall(r"^USER (\S+)$", dockerfile(), re.M)
+    users = re.findall(r"^USER (\S+)$", dockerfile(), re.MULTILINE)
     uid, _, gid = users[-1].partition(":")
     assert uid.isdigit() and int(uid) != 0, f"the image must end as a numeric non-root user, not {users[-1]}"
     return int(uid), int(gid or 0)
@@ -617,7 +652,7 @@ def dockerfile_user() -> tuple[int, int]:
 
 def dockerfile_copies() -> list[tuple[list[str], str]]:
     copies = []
-    for line in re.findall(r"^COPY (.+)$", dockerfile(), re.M):
+    for line in re.findall(r"^COPY (.+)$", dockerfile(), re.MULTILINE):
         parts = [p for p in line.split() if not p.startswith("--")]
         copies.append((parts[:-1], parts[-1]))
     return copies
@@ -630,13 +665,13 @@ def images() -> list[tuple[str, str, dict]]:
 def test_image_is_built_from_this_project_with_the_demo_extras():
     args = dockerfile_args()
     makefile = (ROOT / "Makefile").read_text()
-    (demo_extras,) = re.findall(r"^DEMO_EXTRAS\s*:?=\s*(\S+)\s*$", makefile, re.M)
+    (demo_extras,) = re.findall(r"^DEMO_EXTRAS\s*:?=\s*(\S+)\s*$", makefile, re.MULTILINE)
     assert args["EXTRAS"] == demo_extras, f"Dockerfile EXTRAS {args['EXTRAS']} != Makefile DEMO_EXTRAS {demo_extras}"
     assert re.search(r'pip install --no-cache-dir "\.\[\$\{EXTRAS\}\]"', dockerfile()), "install .[${EXTRAS}]"
 
     ray = next(Requirement(d) for d in pyproject()["project"]["dependencies"] if Requirement(d).name == "ray")
     assert ray.specifier.contains(args["RAY_VERSION"]), f"RAY_VERSION {args['RAY_VERSION']} vs pyproject {ray}"
-    (base,) = re.findall(r"^FROM (\S+)$", dockerfile(), re.M)
+    (base,) = re.findall(r"^FROM (\S+)$", dockerfile(), re.MULTILINE)
     assert base == "rayproject/ray:${RAY_VERSION}-py311-${FLAVOR}", base
     assert SpecifierSet(pyproject()["project"]["requires-python"]).contains("3.11")
     assert args["FLAVOR"] in ("cpu", "gpu")
@@ -647,7 +682,7 @@ def test_image_is_built_from_this_project_with_the_demo_extras():
 
 def test_image_holds_every_file_the_manifests_name():
     copies = dockerfile_copies()
-    (workdir,) = re.findall(r"^WORKDIR (\S+)$", dockerfile(), re.M)
+    (workdir,) = re.findall(r"^WORKDIR (\S+)$", dockerfile(), re.MULTILINE)
     assert workdir.rstrip("/") + "/" == INSTALL_DIR
     named = set()
     for path in manifest_files():
@@ -674,7 +709,8 @@ def test_every_pod_uses_one_image_repository_and_this_version():
         repositories.add(repository)
         flavor = "gpu" if gpus(container) or role in ("head", "worker") else "cpu"
         # Ray refuses a node whose Ray or Python differ from the head's: one tag for a whole cluster.
-        assert tag == f"{version}-{flavor}", f"{label} {container['name']}: {container['image']}, want {version}-{flavor}"
+        want = f"{version}-{flavor}"
+        assert tag == want, f"{label} {container['name']}: {container['image']}; want the tag {want}"
     assert len(repositories) == 1, repositories
 
 
@@ -778,6 +814,7 @@ def test_resubmissions_stop_at_max_attempts():
     fake = FakeRay(ends=[("FAILED", EXIT_PREEMPTED, None)] * 3)
     code, said = run_submit_once(fake, "--max-attempts=3")
     assert code == submit_once().EXIT_FINAL and [s for s, _ in fake.submitted] == ["n-1", "n-1-2", "n-1-3"]
+    assert "attempt 3 of --max-attempts 3" in said[-1]
 
 
 def test_an_unreachable_ray_head_is_left_to_the_backoff_limit():
@@ -806,7 +843,7 @@ def test_the_cronjob_submits_a_command_the_cli_accepts():
     assert submit_once().main(args, client=fake, sleep=lambda s: None, echo=lambda m: None) == 0
     ((submission_id, entrypoint),) = fake.submitted
     assert submission_id == f"{doc['metadata']['name']}-{SAMPLE_MINUTES}"
-    parsed = parse_cli(where(name, doc), strip_program(shlex.split(entrypoint)))
+    parsed = parse_cli(where(name, doc), shlex.split(entrypoint))
     assert parsed.storage.endswith(f"/{submission_id}")
 
 
