@@ -2,21 +2,27 @@
 
 The public API:
 
-- `Job`, `CheckpointPolicy`, `RunContext`: what a job file defines.
+- `Job`, `CheckpointPolicy`, `RunContext`, `Resources`: what a job file defines.
 - `load_job(path)`: load the `job` of a job file.
+- `run(job, storage)`: run a job on Ray (a cluster, or a local Ray started for it) and keep it
+  alive across preemptions and lost nodes; `run(..., local=True)` trains in this process.
 - `train(job, storage)`: run a job in this process, resuming from `storage`.
 - `read_history(uri)`: a run's epoch history as a pandas DataFrame.
 """
 
-from cluster_trainer.job import CheckpointPolicy, Job, RunContext, load_job
+from cluster_trainer.job import CheckpointPolicy, Job, Resources, RunContext, load_job
 
-__all__ = ["CheckpointPolicy", "Job", "RunContext", "load_job", "train", "read_history", "export_model"]
+__all__ = ["CheckpointPolicy", "Job", "Resources", "RunContext", "load_job", "run", "train", "read_history", "export_model"]
 __version__ = "0.1.0"
 
 
 def __getattr__(name):
     # TensorFlow is imported only when training-side API is used, so that
     # job files and `cluster-trainer --help` load fast.
+    if name == "run":
+        from cluster_trainer.ray_runner import run
+
+        return run
     if name == "train":
         from cluster_trainer.loop import train
 

@@ -87,6 +87,28 @@ def build_parser() -> argparse.ArgumentParser:
                           "Default: the comma-separated list in CLUSTER_TRAINER_NOTICE")
     run.add_argument("--verbose", choices=["0", "1", "2", "auto"], default="auto",
                      help="0 silent, 1 progress bar, 2 one line per epoch (default: 1 on a terminal, else 2)")
+    ray_options = run.add_argument_group(
+        "Ray", "By default the run trains in a Ray actor and a new actor resumes it when a node is preempted or "
+               "lost: on the cluster at RAY_ADDRESS (set by `ray job submit`), else on a local Ray started here.")
+    ray_options.add_argument("--ray-address", metavar="ADDR",
+                             help="the Ray cluster: HOST:PORT of its GCS, or auto (the one `ray start` ran on this "
+                                  "machine). Default: RAY_ADDRESS, else a new local Ray on 127.0.0.1")
+    ray_options.add_argument("--no-ray", action="store_true",
+                             help="train in this process, without Ray (debugging; plain pods where Kubernetes restarts)")
+    ray_options.add_argument("--max-failures", type=int, default=3, metavar="N",
+                             help="failures (an exception, a killed actor, a node lost without notice) retried before "
+                                  "giving up, with backoff (default 3); preemptions do not count")
+    ray_options.add_argument("--max-preemptions", type=int, metavar="N",
+                             help="preemptions (a drained node, a preempted actor) retried before stopping with exit "
+                                  "code 75 (default: no limit)")
+    ray_options.add_argument("--num-cpus", type=float, metavar="N", help="CPUs each actor asks for (default: the job's, 1)")
+    ray_options.add_argument("--num-gpus", type=float, metavar="N",
+                             help="GPUs each actor asks for; MirroredStrategy runs over them (default: the job's, 0)")
+    ray_options.add_argument("--resource", dest="ray_resources", action="append", default=[], metavar="KEY=N",
+                             help="a custom resource each actor asks for, e.g. spot_a100=1 (repeatable)")
+    ray_options.add_argument("--label-selector", dest="label_selectors", action="append", default=[],
+                             metavar="KEY=VALUE", help="a node label the actor must run on, e.g. pool=spot or "
+                                                       "pool=!on-demand (repeatable)")
 
     status = commands.add_parser("status", parents=[store], help="where a run is: position, attempt, last metrics")
     status.add_argument("uri", metavar="URI")
@@ -151,21 +173,66 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args) -> int:
     from cluster_trainer.job import load_job
-    from cluster_trainer.loop import train
     from cluster_trainer.preemption import notice_sources, sources_from_environment
 
     job = load_job(args.job).with_overrides(args.overrides)
-    sources = notice_sources(args.notices) if args.notices else sources_from_environment()
     verbose = args.verbose if args.verbose == "auto" else int(args.verbose)
-    result = train(
-        job, args.storage, devices=args.devices, epochs=args.epochs, verbose=verbose,
-        storage_options=_storage_options(args), notice_sources=sources,
+    if args.no_ray:
+        ray_only = [flag for flag, value in (
+            ("--ray-address", args.ray_address), ("--num-cpus", args.num_cpus), ("--num-gpus", args.num_gpus),
+            ("--resource", args.ray_resources), ("--label-selector", args.label_selectors),
+            ("--max-preemptions", args.max_preemptions)) if value]
+        if ray_only:
+            raise ClusterTrainerError(f"{ray_only[0]} applies to runs on Ray: leave out --no-ray, or drop {ray_only[0]}")
+        from cluster_trainer.loop import train
+
+        sources = notice_sources(args.notices) if args.notices else sources_from_environment()
+        result = train(
+            job, args.storage, devices=args.devices, epochs=args.epochs, verbose=verbose,
+            storage_options=_storage_options(args), notice_sources=sources,
+        )
+        last = {k: v[-1] for k, v in result.history.items() if v}
+        metrics = ", ".join(f"{k}={v:.6g}" for k, v in sorted(last.items()) if isinstance(v, float))
+        print(f"cluster-trainer: run {result.status}: {result.uri} (epoch {result.position.epoch}, "
+              f"global step {result.position.global_step}, attempt {result.attempt}) {metrics}", file=sys.stderr)
+        return EXIT_OK
+    from cluster_trainer.ray_runner import run
+
+    outcome = run(
+        job, args.storage, address=args.ray_address, devices=args.devices, epochs=args.epochs,
+        resources=_resources(args, job.resources), max_failures=args.max_failures,
+        max_preemptions=args.max_preemptions, storage_options=_storage_options(args), verbose=verbose,
+        notices=args.notices or None,
     )
-    last = {k: v[-1] for k, v in result.history.items() if v}
-    metrics = ", ".join(f"{k}={v:.6g}" for k, v in sorted(last.items()) if isinstance(v, float))
-    print(f"cluster-trainer: run {result.status}: {result.uri} (epoch {result.position.epoch}, "
-          f"global step {result.position.global_step}, attempt {result.attempt}) {metrics}", file=sys.stderr)
+    print(f"cluster-trainer: {outcome.summary()}", file=sys.stderr)
     return EXIT_OK
+
+
+def _resources(args, default):
+    """The job's Resources with --num-cpus/--num-gpus/--resource/--label-selector applied."""
+    import dataclasses
+
+    from cluster_trainer.job import parse_value
+
+    custom = dict(default.custom)
+    for item in args.ray_resources:
+        key, sep, value = item.partition("=")
+        amount = parse_value(value) if sep else None
+        if not key or not isinstance(amount, (int, float)) or isinstance(amount, bool):
+            raise ClusterTrainerError(f"--resource expects KEY=NUMBER, e.g. spot_a100=1; got {item!r}")
+        custom[key] = amount
+    labels = dict(default.label_selector)
+    for item in args.label_selectors:
+        key, sep, value = item.partition("=")
+        if not sep or not key or not value:
+            raise ClusterTrainerError(f"--label-selector expects KEY=VALUE, e.g. pool=spot; got {item!r}")
+        labels[key] = value
+    changes = {"custom": custom, "label_selector": labels}
+    if args.num_cpus is not None:
+        changes["num_cpus"] = args.num_cpus
+    if args.num_gpus is not None:
+        changes["num_gpus"] = args.num_gpus
+    return dataclasses.replace(default, **changes)
 
 
 def _status(args) -> int:
