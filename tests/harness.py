@@ -40,7 +40,8 @@ def cli(*args: str, timeout: float = 600, **env: str) -> subprocess.CompletedPro
 
 
 def train_cmd(storage: Path | str, *extra: str, job: str = TEST_JOB) -> list[str]:
-    return ["run", job, "--storage", str(storage), "--devices", "2", "--verbose", "0", *extra]
+    # In this process, not in a Ray actor: these tests signal and kill the training process itself.
+    return ["run", job, "--storage", str(storage), "--devices", "2", "--verbose", "0", "--no-ray", *extra]
 
 
 def run_and_kill_at(storage: Path | str, pause_at: str, tmp: Path, *extra: str, expect: dict | None = None, **env: str) -> None:
