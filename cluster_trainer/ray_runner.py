@@ -478,7 +478,8 @@ class _Driver:
                 raise RunError(f"could not start a local Ray: {type(e).__name__}: {e}; pass --no-ray to train "
                                "in this process", EXIT_FAILURE) from e
             return True
-        where = address or os.environ["RAY_ADDRESS"]
+        # As ray.init reads it: RAY_ADDRESS wins over no address and over "auto".
+        where = os.environ["RAY_ADDRESS"] if address in (None, "auto") and os.environ.get("RAY_ADDRESS") else address
         fix = ("check the address (HOST:PORT of the cluster's GCS, or auto for the cluster `ray start` ran on this "
                "machine), or pass --no-ray to train in this process")
         _check_reachable(where, fix)
@@ -532,6 +533,8 @@ class _Driver:
 
         working_dir = os.getcwd() if (ray.get_runtime_context().runtime_env or {}).get("working_dir") else None
         spec = {**_job_spec(self.job, working_dir), "storage": self.storage, **self.attempt_args}
+        if working_dir is not None and "job_path" in spec:
+            self.echo(f"each actor loads {spec['job_path']} from its node's copy of Ray's working_dir")
         options = {**self.resources.ray_options(), "max_restarts": 0, "max_concurrency": 2}
         env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES) or k in FORWARDED_ENV}
         if env:
@@ -547,7 +550,7 @@ class _Driver:
                 raise RunError(f"stopped by {self.stop_reason} while actor {number} was waiting for a node; nothing "
                                "was trained in it. Run the same command again to resume", EXIT_PREEMPTED) from None
             finally:
-                ray.kill(actor, no_restart=True)  # a finished actor frees its node; a lost one is gone already
+                _kill(actor)  # a finished actor frees its node; a lost one is gone already
 
             if kind == "done":
                 return RunOutcome(result["uri"], result["status"], result["attempt"], result["position"],
@@ -659,6 +662,15 @@ class _Driver:
                     left = f"{deadline_ms / 1000 - time.time():.0f}s before its deadline" if deadline_ms else "no deadline"
                     self.echo(f"node {node[:8]} is being drained ({left}): the actor commits at the next batch "
                               "boundary and stops")
+
+
+def _kill(actor) -> None:
+    import ray
+
+    try:
+        ray.kill(actor, no_restart=True)
+    except Exception as e:  # Ray unreachable while stopping: nothing more to do about this actor here
+        log.debug("could not kill actor: %s", e)
 
 
 def _check_reachable(address: str, fix: str) -> None:
