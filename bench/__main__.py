@@ -3,13 +3,15 @@
     python -m bench                    # everything at the default sizes, print tables
     python -m bench --write            # ... and update docs/BENCHMARKS.md
     python -m bench --only io --sizes 10 100 1000
+    python -m bench --only preemption --state-sizes 10 100 1000 --rerun-steps 1000 5000
+    python -m bench --only resume --resume-batches 1000 10000
 """
 
 import argparse
 import os
 import platform
 
-from bench import checkpoint_io, loop_overhead
+from bench import checkpoint_io, loop_overhead, preemption, resume
 
 
 def replace_section(name: str, table: str) -> None:
@@ -24,12 +26,28 @@ def replace_section(name: str, table: str) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["loop", "io"], help="run one benchmark")
+    parser.add_argument("--only", choices=["loop", "io", "preemption", "resume"], help="run one benchmark")
     parser.add_argument("--epochs", type=int, default=6, help="loop: timed epochs per repetition (default 6)")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repetitions (default 3)")
     parser.add_argument("--width", type=int, default=256, help="loop: hidden units of the MLP")
     parser.add_argument("--sizes", type=int, nargs="+", default=[10, 100], help="io: state sizes in MB (default 10 100)")
-    parser.add_argument("--write", action="store_true", help="write the tables into docs/BENCHMARKS.md")
+    parser.add_argument("--state-sizes", type=int, nargs="+", default=[10, 100],
+                        help="preemption, resume: checkpoint sizes in MB (default 10 100)")
+    parser.add_argument("--rerun-steps", type=int, nargs="+", default=[200, 800],
+                        help="preemption: steps per epoch of the steps-re-run runs (default 200 800)")
+    parser.add_argument("--interruptions", type=int, default=5, help="preemption: interruptions per schedule (default 5)")
+    parser.add_argument("--methods", nargs="+", choices=list(preemption.METHODS), default=list(preemption.METHODS),
+                        help="preemption: methods of the steps-re-run comparison (default all)")
+    parser.add_argument("--seed", type=int, default=0, help="preemption: seed of the interruption schedule (default 0)")
+    parser.add_argument("--resume-batches", type=int, nargs="+", default=[1000, 4000],
+                        help="resume: batches per epoch of the late-start data benchmark (default 1000 4000)")
+    parser.add_argument("--stores", nargs="+", choices=["local", "s3"], default=["local", "s3"],
+                        help="preemption flush, resume restart: stores to run on (default local s3)")
+    parser.add_argument("--devices", type=int, default=2,
+                        help="preemption flush, resume restart: replicas of the training processes (default 2)")
+    parser.add_argument("--write", action="store_true",
+                        help="write the tables into docs/BENCHMARKS.md (and the plots into docs/*.png)")
+    parser.add_argument("--plot-dir", metavar="DIR", help="write the plots into DIR (with --write, default docs/)")
     args = parser.parse_args()
     machine = f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}."
     if args.only in (None, "loop"):
@@ -42,3 +60,27 @@ if __name__ == "__main__":
         print(table)
         if args.write:
             replace_section("checkpoint_io", table)
+    if args.only in (None, "preemption"):
+        before = os.getloadavg()[0]
+        text, results = preemption.run(args, machine)
+        text += f"\nLoad average (1 min) {before:.1f} before, {os.getloadavg()[0]:.1f} after.\n"
+        print(text)
+        if args.write:
+            replace_section("preemption", text)
+        if args.write or args.plot_dir:
+            from bench import plots
+
+            plots.flush(results["flush"], args.plot_dir)
+            plots.reruns(results["reruns"], args.plot_dir)
+    if args.only in (None, "resume"):
+        before = os.getloadavg()[0]
+        text, results = resume.run(args, machine)
+        text += f"\nLoad average (1 min) {before:.1f} before, {os.getloadavg()[0]:.1f} after.\n"
+        print(text)
+        if args.write:
+            replace_section("resume", text)
+        if args.write or args.plot_dir:
+            from bench import plots
+
+            plots.restarts(results["restarts"], args.plot_dir)
+            plots.data(results["data"], args.plot_dir)

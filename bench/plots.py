@@ -1,0 +1,103 @@
+"""PNG plots of the preemption and resume benchmarks, written under docs/ by `python -m bench --write`."""
+
+from __future__ import annotations
+
+import os
+import statistics
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+DOCS = os.path.join(os.path.dirname(__file__), "..", "docs")
+
+
+def _save(figure, name: str, directory: str | None) -> str:
+    path = os.path.join(directory or DOCS, name)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def flush(trials, directory: str | None = None) -> str:
+    """Notice-to-commit against the raw write, per store and checkpoint size (medians)."""
+    groups = list(dict.fromkeys((t.store, round(t.megabytes)) for t in trials))
+    series = [("raw fs.pipe", "raw_write", "#9e9e9e"), ("raw fs.pipe + fsync", "raw_write_fsync", "#616161"),
+              ("flush: notice → committed (run's log)", "flush_logged", "#1f77b4"),
+              ("signal sent → process exited", "signal_to_exit", "#aec7e8")]
+    figure, axis = plt.subplots(figsize=(8, 0.9 + 0.9 * len(groups)))
+    height = 0.8 / len(series)
+    for i, (label, key, color) in enumerate(series):
+        values = []
+        for store, size in groups:
+            group = [getattr(t, key) for t in trials if (t.store, round(t.megabytes)) == (store, size)]
+            values.append(statistics.median(group) if None not in group else 0.0)
+        positions = [g + (i - (len(series) - 1) / 2) * height for g in range(len(groups))]
+        axis.barh(positions, values, height=height, label=label, color=color)
+    axis.set_yticks(range(len(groups)), [f"{store}\n{size} MB" for store, size in groups])
+    axis.invert_yaxis()
+    axis.set_xlabel("seconds (median)")
+    axis.set_title("Preemption notice to committed checkpoint, against a raw write of the same bytes")
+    axis.legend(loc="lower right", fontsize=8)
+    return _save(figure, "bench_preemption_flush.png", directory)
+
+
+def reruns(results, directory: str | None = None) -> str:
+    """Steps re-run after each interruption of the shared schedule, per method, one panel per epoch length."""
+    sizes = list(dict.fromkeys(r.steps_per_epoch for r in results))
+    figure, axes = plt.subplots(1, len(sizes), figsize=(5.5 * len(sizes), 4), squeeze=False)
+    colors = ["#2ca02c", "#1f77b4", "#ff7f0e", "#d62728"]
+    for axis, size in zip(axes[0], sizes):
+        group = [r for r in results if r.steps_per_epoch == size]
+        width = 0.8 / len(group)
+        for i, (r, color) in enumerate(zip(group, colors)):
+            xs = [k + (i - (len(group) - 1) / 2) * width for k in range(len(r.reruns))]
+            axis.bar(xs, r.reruns, width=width, color=color, label=f"{r.method} (total {sum(r.reruns)})")
+            if not any(r.reruns):
+                axis.plot(xs, [0] * len(xs), "o", color=color, markersize=4)
+        axis.set_xticks(range(len(group[0].reruns)), [f"#{k + 1}\nstep {s}" for k, s in enumerate(group[0].schedule)],
+                        fontsize=8)
+        axis.set_ylabel("steps trained again")
+        axis.set_title(f"{size} steps/epoch, {len(group[0].schedule)} interruptions")
+        axis.legend(fontsize=7, loc="upper left")
+    figure.suptitle("Steps re-run per preemption, same seeded schedule for every method")
+    return _save(figure, "bench_preemption_reruns.png", directory)
+
+
+def restarts(trials, directory: str | None = None) -> str:
+    """Process start to the run's first line, and to the first trained step: fresh start vs resume."""
+    keys = list(dict.fromkeys((t.store, t.megabytes, t.kind) for t in trials))
+    figure, axis = plt.subplots(figsize=(8, 0.6 + 0.45 * len(keys)))
+    for row, (store, size, kind) in enumerate(keys):
+        group = [t for t in trials if (t.store, t.megabytes, t.kind) == (store, size, kind)]
+        to_line = statistics.median(t.to_line for t in group)
+        to_step = statistics.median(t.to_first_step for t in group)
+        color = "#1f77b4" if kind == "resume" else "#9e9e9e"
+        axis.barh(row, to_line, color=color, alpha=0.55)
+        axis.barh(row, to_step - to_line, left=to_line, color=color)
+    axis.set_yticks(range(len(keys)), [f"{store}, {size:.0f} MB: {kind}" for store, size, kind in keys], fontsize=8)
+    axis.invert_yaxis()
+    axis.set_xlabel("seconds from process start (median); light: to the run's start/resume line, dark: to the first step's end")
+    axis.set_title("Restart to first trained step: fresh start vs resume from a checkpoint")
+    return _save(figure, "bench_resume_restart.png", directory)
+
+
+def data(trials, directory: str | None = None) -> str:
+    """Time to the first batch when an epoch starts at batch b, per source and epoch length."""
+    figure, axis = plt.subplots(figsize=(7, 4.2))
+    styles = ["-o", "--s", "-^", "--v"]
+    keys = list(dict.fromkeys((t.source, t.batches) for t in trials))
+    for (source, batches), style in zip(keys, styles * 2):
+        starts = sorted({t.start_batch for t in trials if (t.source, t.batches) == (source, batches)})
+        values = [1000 * statistics.median(t.seconds for t in trials if (t.source, t.batches, t.start_batch)
+                                           == (source, batches, s)) for s in starts]
+        axis.plot([s / batches for s in starts], values, style, label=f"{source.split(' (')[0]}, {batches:,} batches/epoch")
+    axis.set_yscale("log")
+    axis.set_xlabel("resume position in the epoch (start batch / batches per epoch)")
+    axis.set_ylabel("ms to the first batch (median, log scale)")
+    axis.set_title("Starting an epoch late: random access vs skip")
+    axis.legend(fontsize=8)
+    axis.grid(True, which="both", alpha=0.3)
+    return _save(figure, "bench_resume_data.png", directory)

@@ -1,0 +1,45 @@
+"""Smoke test: the preemption and resume benchmarks run end to end at their smallest size.
+
+Not a measurement: each runs `python -m bench --only ...` with one repetition,
+the smallest model, local disk only and the fewest training processes, and
+checks that the tables and plots come out and that the numbers that do not
+depend on the machine hold (a notice re-runs no step; every method of the
+shared schedule finishes the run).
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow  # each trains in several subprocesses (about 20-30 s apiece on 2 cores)
+
+
+def bench(*args: str, tmp_path: Path) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", *args, "--repeats", "1", "--stores", "local", "--plot-dir", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def test_preemption_benchmark_runs_at_smallest_size(tmp_path):
+    out = bench("--only", "preemption", "--state-sizes", "1", "--rerun-steps", "20", "--interruptions", "1",
+                "--methods", "notice", "keras-epoch", tmp_path=tmp_path)
+    assert "| local disk | 13 MB |" in out  # one Dense 1024x1024 layer with Adam slots
+    rows = [line for line in out.splitlines() if line.startswith("| 20 |")]
+    assert len(rows) == 2, out
+    assert rows[0].startswith("| 20 | cluster-trainer, notice (SIGTERM) | 0 | 0.0 | 0 | **0** |")
+    assert "BackupAndRestore" in rows[1]
+    assert {p.name for p in tmp_path.glob("*.png")} == {"bench_preemption_flush.png", "bench_preemption_reruns.png"}
+
+
+def test_resume_benchmark_runs_at_smallest_size(tmp_path):
+    out = bench("--only", "resume", "--state-sizes", "1", "--resume-batches", "20", tmp_path=tmp_path)
+    assert "| local disk | 13 MB |" in out
+    assert "| numpy arrays (ArraySource) | 20 |" in out
+    assert "| tf.data builder: TFRecord, shuffle, map (DatasetSource) | 20 |" in out
+    assert {p.name for p in tmp_path.glob("*.png")} == {"bench_resume_restart.png", "bench_resume_data.png"}
