@@ -29,12 +29,11 @@ demo: $(VENV)/.installed-demo
 	$(BIN)/cluster-trainer run jobs/mlp.py --storage $(RUN)
 	$(BIN)/cluster-trainer status $(RUN)
 
-# --dist loadgroup: tests marked xdist_group("ray") share one worker, so one local Ray cluster at a time.
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -n 2 --dist loadgroup
+	$(BIN)/python -m pytest -n 2
 
 test-fast: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -n 2 --dist loadgroup -m "not slow"
+	$(BIN)/python -m pytest -n 2 -m "not slow"
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python -m bench
