@@ -88,8 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--verbose", choices=["0", "1", "2", "auto"], default="auto",
                      help="0 silent, 1 progress bar, 2 one line per epoch (default: 1 on a terminal, else 2)")
     ray_options = run.add_argument_group(
-        "Ray", "By default the run trains in a Ray actor and a new actor resumes it when a node is preempted or "
-               "lost: on the cluster at RAY_ADDRESS (set by `ray job submit`), else on a local Ray started here.")
+        "Ray", "By default the run trains in a Ray actor, and a new actor resumes it when a node is\n"
+               "preempted or lost: on the cluster at RAY_ADDRESS (set by `ray job submit`), else on a\n"
+               "local Ray started for this command. See docs/RAY.md.")
     ray_options.add_argument("--ray-address", metavar="ADDR",
                              help="the Ray cluster: HOST:PORT of its GCS, or auto (the one `ray start` ran on this "
                                   "machine). Default: RAY_ADDRESS, else a new local Ray on 127.0.0.1")

@@ -555,13 +555,13 @@ class _Driver:
             if kind == "done":
                 return RunOutcome(result["uri"], result["status"], result["attempt"], result["position"],
                                   result["history"], result["checkpoint"], self.actors, self.preemptions, self.failures)
-            if self.stop_reason is not None:
-                code = EXIT_FAILURE if kind == "failed" else EXIT_PREEMPTED
-                raise RunError(f"stopped by {self.stop_reason}: {message}. Run the same command again to resume", code)
             if kind == "bad_input":
                 raise RunError(message, EXIT_BAD_INPUT)
             if kind == "superseded":
                 raise RunError(message, EXIT_SUPERSEDED)
+            if self.stop_reason is not None:
+                code = EXIT_FAILURE if kind == "failed" else EXIT_PREEMPTED
+                raise RunError(f"stopped by {self.stop_reason}: {message}. Run the same command again to resume", code)
             if kind == "preempted":
                 self.preemptions += 1
                 if self.max_preemptions is not None and self.preemptions > self.max_preemptions:
