@@ -91,6 +91,8 @@ WAITING_REPORT_FIRST = 5.0
 WAITING_REPORT_MAX = 600.0
 # How often the driver looks at the actor's node's drain state (for its own messages).
 DRAIN_CHECK_SECONDS = 2.0
+# How often `run(on_progress=...)` is called while an actor trains.
+PROGRESS_SECONDS = 2.0
 # Ray forwards actor output to the driver asynchronously; give the last lines time to arrive.
 LOG_FLUSH_SECONDS = 1.0
 # Job fields that are code or data: an actor gets them by loading the job file itself.
@@ -358,6 +360,7 @@ def run(
     verbose: int | str = "auto",
     notices: Sequence[str] | None = None,
     echo: Callable[[str], None] | None = None,
+    on_progress: Callable[[], None] | None = None,
 ) -> RunOutcome:
     """Train `job` on Ray until it completes, surviving preemptions and lost nodes; resumes `storage`.
 
@@ -379,6 +382,9 @@ def run(
         notices: extra preemption notice sources (`gce`, `aws`, `file:PATH`) polled by each
             attempt; default `CLUSTER_TRAINER_NOTICE`.
         echo: where the driver prints its one-line messages (default: stderr).
+        on_progress: called in the driver every few seconds while an actor trains (e.g. to
+            report the run's committed history to Ray Tune); whatever it raises ends the run,
+            its actor killed, and propagates. Not called with `local=True`.
 
     Returns a `RunOutcome`; raises `RunError` (or, with `local=True`, the loop's own errors),
     whose `exit_code` says why it stopped: 1 failed more than `max_failures` times, 2 bad input,
@@ -419,6 +425,7 @@ def run(
         storage = os.path.abspath(storage)  # an actor's working directory is not this one
     driver = _Driver(job, storage, address=address, resources=resources or job.resources, echo=echo,
                      max_failures=max_failures, max_preemptions=max_preemptions, local_storage=local_storage,
+                     on_progress=on_progress,
                      attempt_args={"devices": devices, "epochs": epochs, "verbose": verbose,
                                    "storage_options": dict(storage_options or {}), "notices": list(notices or [])})
     return driver.run()
@@ -435,13 +442,67 @@ def _run_here(job, storage, devices, epochs, storage_options, verbose, notices, 
     return RunOutcome(result.uri, result.status, result.attempt, position, dict(result.history), result.checkpoint)
 
 
+def connect(address: str | None = None, echo: Callable[[str], None] | None = None) -> bool:
+    """Connect this process to Ray, as `run` does; True if this call connected (then call `disconnect()`).
+
+    `address`: "auto", "HOST:PORT" (the GCS), or None: `RAY_ADDRESS` if set, else a new local Ray
+    on 127.0.0.1 (usage stats and dashboard off), stopped by `disconnect()`. Returns False, and
+    changes nothing, when Ray is already initialised here (a notebook, a Tune trial). A closed
+    address fails in seconds with `RunError` (exit code 2), not after Ray's minutes of retries.
+
+    Example:
+        >>> connected = connect("auto")        # doctest: +SKIP
+        >>> ...
+        >>> if connected:                      # doctest: +SKIP
+        ...     disconnect()
+    """
+    import ray
+
+    echo = echo or (lambda message: print(f"cluster-trainer: {message}", file=sys.stderr, flush=True))
+    if ray.is_initialized():
+        return False
+    quiet = {"logging_level": logging.WARNING, "log_to_driver": True}
+    if not sys.stderr.isatty():  # a log file or `ray job logs`: no colour codes around Ray's line prefixes
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
+    if address is None and not os.environ.get("RAY_ADDRESS"):
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        echo("starting a local Ray on 127.0.0.1 (pass --ray-address to use a running cluster, "
+             "--no-ray to train in this process)")
+        try:
+            _RayPrivate.init_local(include_dashboard=False, **quiet)
+        except Exception as e:
+            raise RunError(f"could not start a local Ray: {type(e).__name__}: {e}; pass --no-ray to train "
+                           "in this process", EXIT_FAILURE) from e
+        return True
+    # As ray.init reads it: RAY_ADDRESS wins over no address and over "auto".
+    where = os.environ["RAY_ADDRESS"] if address in (None, "auto") and os.environ.get("RAY_ADDRESS") else address
+    fix = ("check the address (HOST:PORT of the cluster's GCS, or auto for the cluster `ray start` ran on this "
+           "machine), or pass --no-ray to train in this process")
+    _check_reachable(where, fix)
+    try:
+        ray.init(address=address, **quiet)
+    except Exception as e:
+        raise RunError(f"cannot connect to Ray at {where}: {type(e).__name__}: {_first_line(e)}; {fix}",
+                       EXIT_BAD_INPUT) from e
+    echo(f"connected to Ray at {where} ({sum(1 for n in ray.nodes() if n.get('Alive'))} node(s))")
+    return True
+
+
+def disconnect() -> None:
+    """Leave Ray (stopping a local Ray `connect` started), once the actors' last lines have arrived."""
+    import ray
+
+    time.sleep(LOG_FLUSH_SECONDS)  # Ray forwards actor output asynchronously
+    ray.shutdown()
+
+
 class _Stopped(Exception):
     """The driver was asked to stop (Ctrl-C, SIGTERM) before an actor trained."""
 
 
 class _Driver:
     def __init__(self, job: Job, storage: str, *, address, resources: Resources, echo, max_failures,
-                 max_preemptions, local_storage: bool, attempt_args: dict):
+                 max_preemptions, local_storage: bool, attempt_args: dict, on_progress=None):
         self.job = job
         self.storage = storage
         self.address = address
@@ -451,6 +512,7 @@ class _Driver:
         self.max_preemptions = max_preemptions
         self.attempt_args = attempt_args
         self.local_storage = local_storage
+        self.on_progress = on_progress
         self.actors = self.preemptions = self.failures = 0
         self.stop_reason: str | None = None  # set by the first Ctrl-C / SIGTERM
         self.kill_now = False  # a second Ctrl-C
@@ -459,41 +521,14 @@ class _Driver:
     # -- connection and signals ---------------------------------------------------------------
 
     def _connect(self) -> bool:
-        """Connect to (or start) Ray; returns whether this call did, so it also disconnects."""
+        connected = connect(self.address, self.echo)
         import ray
 
-        if ray.is_initialized():  # the caller's Ray (a notebook, a Tune trial): use it as it is
-            return False
-        quiet = {"logging_level": logging.WARNING, "log_to_driver": True}
-        if not sys.stderr.isatty():  # a log file or `ray job logs`: no colour codes around Ray's line prefixes
-            os.environ.setdefault("RAY_COLOR_PREFIX", "0")
-        address = self.address
-        if address is None and not os.environ.get("RAY_ADDRESS"):
-            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-            self.echo("starting a local Ray on 127.0.0.1 (pass --ray-address to use a running cluster, "
-                      "--no-ray to train in this process)")
-            try:
-                _RayPrivate.init_local(include_dashboard=False, **quiet)
-            except Exception as e:
-                raise RunError(f"could not start a local Ray: {type(e).__name__}: {e}; pass --no-ray to train "
-                               "in this process", EXIT_FAILURE) from e
-            return True
-        # As ray.init reads it: RAY_ADDRESS wins over no address and over "auto".
-        where = os.environ["RAY_ADDRESS"] if address in (None, "auto") and os.environ.get("RAY_ADDRESS") else address
-        fix = ("check the address (HOST:PORT of the cluster's GCS, or auto for the cluster `ray start` ran on this "
-               "machine), or pass --no-ray to train in this process")
-        _check_reachable(where, fix)
-        try:
-            ray.init(address=address, **quiet)
-        except Exception as e:
-            raise RunError(f"cannot connect to Ray at {where}: {type(e).__name__}: {_first_line(e)}; {fix}",
-                           EXIT_BAD_INPUT) from e
         nodes = [n for n in ray.nodes() if n.get("Alive")]
-        self.echo(f"connected to Ray at {where} ({len(nodes)} node(s))")
         if self.local_storage and len(nodes) > 1:
             self.echo(f"warning: --storage {self.storage} is a local path: an actor on another node resumes the run "
                       "only if every node sees the same directory (a shared file system); use gs:// or s3:// on a cluster")
-        return True
+        return connected
 
     def _install_signal_handlers(self) -> None:
         # After ray.init, which installs its own SIGTERM handler (sys.exit) in drivers.
@@ -523,10 +558,7 @@ class _Driver:
         finally:
             self._restore_signal_handlers()
             if connected:
-                import ray
-
-                time.sleep(LOG_FLUSH_SECONDS)
-                ray.shutdown()
+                disconnect()
 
     def _attempts(self) -> RunOutcome:
         import ray
@@ -646,7 +678,11 @@ class _Driver:
 
         stop_sent = False
         next_drain_check = 0.0
+        next_progress = time.monotonic() + PROGRESS_SECONDS
         while not ray.wait([ref], timeout=0.5)[0]:
+            if self.on_progress is not None and time.monotonic() >= next_progress:
+                self.on_progress()
+                next_progress = time.monotonic() + PROGRESS_SECONDS
             if self.kill_now:
                 raise KeyboardInterrupt  # the caller kills the actor
             if self.stop_reason is not None and not stop_sent:
