@@ -91,25 +91,59 @@ def build_parser() -> argparse.ArgumentParser:
         "Ray", "By default the run trains in a Ray actor, and a new actor resumes it when a node is\n"
                "preempted or lost: on the cluster at RAY_ADDRESS (set by `ray job submit`), else on a\n"
                "local Ray started for this command. See docs/RAY.md.")
-    ray_options.add_argument("--ray-address", metavar="ADDR",
-                             help="the Ray cluster: HOST:PORT of its GCS, or auto (the one `ray start` ran on this "
-                                  "machine). Default: RAY_ADDRESS, else a new local Ray on 127.0.0.1")
-    ray_options.add_argument("--no-ray", action="store_true",
-                             help="train in this process, without Ray (debugging; plain pods where Kubernetes restarts)")
-    ray_options.add_argument("--max-failures", type=int, default=3, metavar="N",
-                             help="failures (an exception, a killed actor, a node lost without notice) retried before "
-                                  "giving up, with backoff (default 3); preemptions do not count")
-    ray_options.add_argument("--max-preemptions", type=int, metavar="N",
-                             help="preemptions (a drained node, a preempted actor) retried before stopping with exit "
-                                  "code 75 (default: no limit)")
-    ray_options.add_argument("--num-cpus", type=float, metavar="N", help="CPUs each actor asks for (default: the job's, 1)")
-    ray_options.add_argument("--num-gpus", type=float, metavar="N",
-                             help="GPUs each actor asks for; MirroredStrategy runs over them (default: the job's, 0)")
-    ray_options.add_argument("--resource", dest="ray_resources", action="append", default=[], metavar="KEY=N",
-                             help="a custom resource each actor asks for, e.g. spot_a100=1 (repeatable)")
-    ray_options.add_argument("--label-selector", dest="label_selectors", action="append", default=[],
-                             metavar="KEY=VALUE", help="a node label the actor must run on, e.g. pool=spot or "
-                                                       "pool=!on-demand (repeatable)")
+    _add_ray_options(ray_options, single_run=True)
+
+    sweep = commands.add_parser(
+        "sweep",
+        parents=[store],
+        help="a hyperparameter sweep on Ray Tune; every trial resumes mid-epoch after preemption",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.dedent(
+            """\
+            Sweep config values of JOB.py with Ray Tune. Each trial is a run at <URI>/<trial id>
+            that survives preemption like `cluster-trainer run` (Tune's failure budget counts real
+            failures only); ASHA stops poor trials early. The same command again continues an
+            interrupted sweep: finished trials are kept, unfinished ones resume from their state.
+            The trials table is <URI>/trials.parquet (`cluster-trainer sweep-status URI`).
+
+            examples:
+              cluster-trainer sweep jobs/mlp.py --storage runs/sweep --grid lr=1e-2,1e-3 --grid units=32,64
+              cluster-trainer sweep jobs/mlp.py --storage gs://b/sweeps/lr --loguniform lr=1e-4:1e-1 \\
+                  --num-samples 16 --scheduler asha --max-concurrent 4 --num-gpus 1
+            """
+        ),
+        epilog=EXIT_CODES,
+    )
+    sweep.add_argument("job", metavar="JOB.py", help="the job file")
+    sweep.add_argument("--storage", required=True, metavar="URI", help="where the sweep lives: a path, gs://, s3://")
+    space = sweep.add_argument_group("search space (keys of the job's config)")
+    space.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                       help="every value, in every combination with the other grids (repeatable)")
+    space.add_argument("--choice", action="append", default=[], metavar="KEY=V1,V2", help="one value drawn per sample")
+    space.add_argument("--uniform", action="append", default=[], metavar="KEY=LOW:HIGH", help="drawn uniformly")
+    space.add_argument("--loguniform", action="append", default=[], metavar="KEY=LOW:HIGH",
+                       help="drawn uniformly in log space (learning rates)")
+    sweep.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key for every trial (typed); repeatable")
+    sweep.add_argument("--num-samples", type=int, default=1, metavar="N",
+                       help="samples of the space; each grid point is run N times (default 1)")
+    sweep.add_argument("--metric", default="val_loss", help="the history column that ranks trials (default val_loss)")
+    sweep.add_argument("--mode", choices=["min", "max"], default="min")
+    sweep.add_argument("--scheduler", choices=["asha"], help="asha: stop poor trials early (default: run all to the end)")
+    sweep.add_argument("--grace-period", type=int, default=1, metavar="EPOCHS",
+                       help="ASHA judges a trial only after this many epochs (default 1)")
+    sweep.add_argument("--max-concurrent", type=int, metavar="N", help="trials at once (default: what resources allow)")
+    sweep.add_argument("--epochs", type=int, help="override the job's epochs")
+    sweep.add_argument("--devices", type=int, help="replicas for MirroredStrategy in each trial's actor")
+    sweep_ray = sweep.add_argument_group("Ray", "Where trials run, and what each trial's training actor asks for.")
+    _add_ray_options(sweep_ray, single_run=False)
+
+    sweep_status = commands.add_parser("sweep-status", parents=[store],
+                                       help="the trials of a sweep: config, best metric, epochs, status")
+    sweep_status.add_argument("uri", metavar="URI")
+    sweep_status.add_argument("--format", choices=["text", "csv", "json"], default="text")
+    sweep_status.add_argument("--plot", metavar="OUT.png", help="draw each trial's metric against epoch into OUT.png")
+    sweep_status.add_argument("--metric", default="val_loss", help="the metric to plot (default val_loss)")
 
     status = commands.add_parser("status", parents=[store], help="where a run is: position, attempt, last metrics")
     status.add_argument("uri", metavar="URI")
@@ -147,6 +181,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_ray_options(group, single_run: bool) -> None:
+    group.add_argument("--ray-address", metavar="ADDR",
+                       help="the Ray cluster: HOST:PORT of its GCS, or auto (the one `ray start` ran on this "
+                            "machine). Default: RAY_ADDRESS, else a new local Ray on 127.0.0.1")
+    if single_run:
+        group.add_argument("--no-ray", action="store_true",
+                           help="train in this process, without Ray (debugging; plain pods where Kubernetes restarts)")
+    group.add_argument("--max-failures", type=int, default=3, metavar="N",
+                       help="failures (an exception, a killed actor, a node lost without notice) retried before "
+                            "giving up, with backoff (default 3); preemptions do not count")
+    if single_run:
+        group.add_argument("--max-preemptions", type=int, metavar="N",
+                           help="preemptions (a drained node, a preempted actor) retried before stopping with exit "
+                                "code 75 (default: no limit)")
+    group.add_argument("--num-cpus", type=float, metavar="N", help="CPUs each actor asks for (default: the job's, 1)")
+    group.add_argument("--num-gpus", type=float, metavar="N",
+                       help="GPUs each actor asks for; MirroredStrategy runs over them (default: the job's, 0)")
+    group.add_argument("--resource", dest="ray_resources", action="append", default=[], metavar="KEY=N",
+                       help="a custom resource each actor asks for, e.g. spot_a100=1 (repeatable)")
+    group.add_argument("--label-selector", dest="label_selectors", action="append", default=[],
+                       metavar="KEY=VALUE", help="a node label the actor must run on, e.g. pool=spot or "
+                                                 "pool=!on-demand (repeatable)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
@@ -156,13 +214,15 @@ def main(argv: list[str] | None = None) -> int:
     package_log.addHandler(handler)
     package_log.setLevel(logging.INFO)
     try:
-        if args.command in ("run", "export") and os.environ["TF_CPP_MIN_LOG_LEVEL"].strip() not in ("0", "1"):
+        if args.command in ("run", "export", "sweep") and os.environ["TF_CPP_MIN_LOG_LEVEL"].strip() not in ("0", "1"):
             from cluster_trainer.native_logs import import_tensorflow_quietly
 
             native = import_tensorflow_quietly()
             if "cuInit" in native or "Could not find cuda drivers" in native:
                 package_log.debug("TensorFlow found no usable CUDA driver; running on CPU")
-        return {"run": _run, "status": _status, "history": _history, "export": _export}[args.command](args)
+        commands = {"run": _run, "status": _status, "history": _history, "export": _export, "sweep": _sweep,
+                    "sweep-status": _sweep_status}
+        return commands[args.command](args)
     except ClusterTrainerError as e:
         kind = "" if e.exit_code == EXIT_PREEMPTED else "error: "  # preemption is not an error
         print(f"cluster-trainer: {kind}{e}", file=sys.stderr)
@@ -206,6 +266,40 @@ def _run(args) -> int:
         notices=args.notices or None,
     )
     print(f"cluster-trainer: {outcome.summary()}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _sweep(args) -> int:
+    from cluster_trainer.job import load_job
+    from cluster_trainer.sweep import parse_space, sweep
+
+    job = load_job(args.job).with_overrides(args.overrides)
+    space = parse_space(args.grid, args.choice, args.uniform, args.loguniform)
+    table = sweep(
+        job, space, storage=args.storage, metric=args.metric, mode=args.mode, num_samples=args.num_samples,
+        scheduler=args.scheduler, grace_period=args.grace_period, max_concurrent=args.max_concurrent,
+        resources=_resources(args, job.resources), devices=args.devices, epochs=args.epochs,
+        max_failures=args.max_failures, address=args.ray_address, storage_options=_storage_options(args),
+    )
+    print(table.to_string(index=False))
+    return EXIT_OK
+
+
+def _sweep_status(args) -> int:
+    from cluster_trainer.sweep import plot_trials, read_trials
+
+    options = _storage_options(args)
+    if args.plot:
+        plot_trials(args.uri, args.plot, metric=args.metric, storage_options=options)
+        print(f"cluster-trainer: wrote {args.plot}", file=sys.stderr)
+        return EXIT_OK
+    table = read_trials(args.uri, options)
+    if args.format == "csv":
+        sys.stdout.write(table.to_csv(index=False))
+    elif args.format == "json":
+        sys.stdout.write(_json_lines(table))
+    else:
+        print(table.to_string(index=False))
     return EXIT_OK
 
 

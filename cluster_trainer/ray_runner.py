@@ -567,7 +567,10 @@ class _Driver:
         spec = {**_job_spec(self.job, working_dir), "storage": self.storage, **self.attempt_args}
         if working_dir is not None and "job_path" in spec:
             self.echo(f"each actor loads {spec['job_path']} from its node's copy of Ray's working_dir")
-        options = {**self.resources.ray_options(), "max_restarts": 0, "max_concurrency": 2}
+        options = {**self.resources.ray_options(), "max_restarts": 0, "max_concurrency": 2,
+                   # Never inside the caller's placement group (a Tune trial's holds only the trial's
+                   # own small bundle): the actor asks the cluster for the job's resources itself.
+                   "scheduling_strategy": "DEFAULT"}
         env = {k: v for k, v in os.environ.items() if k.startswith(FORWARDED_ENV_PREFIXES) or k in FORWARDED_ENV}
         if env:
             options["runtime_env"] = {"env_vars": env}  # Ray merges it with the job's runtime_env

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +19,7 @@ from cluster_trainer.storage import Storage
 ROOT = Path(__file__).resolve().parent.parent
 TEST_JOB = str(ROOT / "tests" / "jobs" / "interruptible.py")
 STARTUP_TIMEOUT = 180
+TIMEOUT = 240  # seconds any one wait on a driver may take on a loaded 2-core machine
 
 
 def cli_env(**extra: str) -> dict:
@@ -129,3 +131,51 @@ def tree_digest(path: Path) -> dict[str, str]:
         for p in sorted(path.rglob("*"))
         if p.is_file()
     }
+
+
+class Driver:
+    """`cluster-trainer run` in a subprocess, output to a file (a full pipe would block it)."""
+
+    def __init__(self, command: list[str], log: Path, env: dict, new_session: bool = False, cwd: Path = ROOT):
+        self.log = log
+        with open(log, "w") as sink:
+            self.process = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT, cwd=cwd,
+                                            start_new_session=new_session)
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def wait_for(self, pattern: str, timeout: float = TIMEOUT) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while True:
+            match = re.search(pattern, self.output())
+            if match:
+                return match
+            if self.process.poll() is not None:
+                match = re.search(pattern, self.output())  # the last lines, written as it exited
+                if match:
+                    return match
+                raise AssertionError(f"driver exited ({self.process.returncode}) before {pattern!r}:\n{self.output()[-4000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {pattern!r} in {timeout}s:\n{self.output()[-4000:]}")
+            time.sleep(0.1)
+
+    def finish(self, timeout: float = TIMEOUT) -> int:
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"driver still running after {timeout}s:\n{self.output()[-4000:]}") from None
+
+    def stop(self) -> None:
+        """Never leave a driver behind, whatever failed (its actors end with it)."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def wait_until(condition, what: str, timeout: float = TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)

@@ -29,12 +29,11 @@ from pathlib import Path
 
 import pytest
 
-from harness import ROOT, TEST_JOB, assert_bitwise_equal_runs, cli, cli_env, latest
+from harness import ROOT, TEST_JOB, Driver, assert_bitwise_equal_runs, cli, cli_env, latest, wait_until
 from ray_cluster import MARKER, RayCluster, _alive, _pids_in, _pids_with_marker
 
 EXIT_BAD_INPUT = 2
 EXIT_PREEMPTED = 75
-TIMEOUT = 240  # seconds any one wait may take on a loaded 2-core machine
 
 
 @pytest.fixture(scope="module")
@@ -47,54 +46,6 @@ def cluster():
 def driver_cmd(storage, *extra: str, job: str = TEST_JOB) -> list[str]:
     """The same run as the harness's `train_cmd`, on Ray."""
     return [sys.executable, "-m", "cluster_trainer", "run", job, "--storage", str(storage), "--devices", "2", *extra]
-
-
-class Driver:
-    """`cluster-trainer run` in a subprocess, output to a file (a full pipe would block it)."""
-
-    def __init__(self, command: list[str], log: Path, env: dict, new_session: bool = False, cwd: Path = ROOT):
-        self.log = log
-        with open(log, "w") as sink:
-            self.process = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT, cwd=cwd,
-                                            start_new_session=new_session)
-
-    def output(self) -> str:
-        return self.log.read_text()
-
-    def wait_for(self, pattern: str, timeout: float = TIMEOUT) -> re.Match:
-        deadline = time.monotonic() + timeout
-        while True:
-            match = re.search(pattern, self.output())
-            if match:
-                return match
-            if self.process.poll() is not None:
-                match = re.search(pattern, self.output())  # the last lines, written as it exited
-                if match:
-                    return match
-                raise AssertionError(f"driver exited ({self.process.returncode}) before {pattern!r}:\n{self.output()[-4000:]}")
-            if time.monotonic() > deadline:
-                raise AssertionError(f"no {pattern!r} in {timeout}s:\n{self.output()[-4000:]}")
-            time.sleep(0.1)
-
-    def finish(self, timeout: float = TIMEOUT) -> int:
-        try:
-            return self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise AssertionError(f"driver still running after {timeout}s:\n{self.output()[-4000:]}") from None
-
-    def stop(self) -> None:
-        """Never leave a driver behind, whatever failed (its actors end with it)."""
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-
-
-def wait_until(condition, what: str, timeout: float = TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def committed_step(storage) -> int:

@@ -34,7 +34,7 @@ def test_changed_callback_list_is_a_clear_error(mlp_reference, copy_of, tmp_path
         "job = dataclasses.replace(base, callbacks=lambda config, run: list(base.callbacks(config, run))[:-1])\n"
     )
     before = tree_digest(storage)
-    result = cli("run", str(job), "--storage", str(storage), "--devices", "2", "--verbose", "0")
+    result = cli("run", str(job), "--storage", str(storage), "--devices", "2", "--verbose", "0", "--no-ray")
     assert result.returncode == 2
     assert "callbacks changed" in result.stderr
     assert tree_digest(storage) == before
