@@ -7,12 +7,15 @@ The public API:
 - `run(job, storage)`: run a job on Ray (a cluster, or a local Ray started for it) and keep it
   alive across preemptions and lost nodes; `run(..., local=True)` trains in this process.
 - `train(job, storage)`: run a job in this process, resuming from `storage`.
+- `sweep(job, space, storage=...)`: a hyperparameter sweep on Ray Tune whose trials survive
+  preemption; returns the trials table.
 - `read_history(uri)`: a run's epoch history as a pandas DataFrame.
 """
 
 from cluster_trainer.job import CheckpointPolicy, Job, Resources, RunContext, load_job
 
-__all__ = ["CheckpointPolicy", "Job", "Resources", "RunContext", "load_job", "run", "train", "read_history", "export_model"]
+__all__ = ["CheckpointPolicy", "Job", "Resources", "RunContext", "load_job", "run", "sweep", "train", "read_history",
+           "export_model"]
 __version__ = "0.1.0"
 
 
@@ -23,6 +26,10 @@ def __getattr__(name):
         from cluster_trainer.ray_runner import run
 
         return run
+    if name == "sweep":
+        from cluster_trainer.sweep import sweep
+
+        return sweep
     if name == "train":
         from cluster_trainer.loop import train
 
