@@ -24,14 +24,6 @@ def gcs():
     server.stop()
 
 
-@pytest.fixture(params=["local", "s3", "gcs"])
-def run_uri(request, tmp_path):
-    """A fresh run URI on each kind of store."""
-    if request.param == "local":
-        return str(tmp_path / "run")
-    return request.getfixturevalue(request.param).uri()
-
-
 @pytest.fixture(scope="session")
 def mlp_reference(tmp_path_factory):
     """The uninterrupted MLP run (default checkpoint policy), shared by the resume tests."""

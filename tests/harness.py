@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import signal
@@ -19,6 +20,7 @@ from cluster_trainer.storage import Storage
 ROOT = Path(__file__).resolve().parent.parent
 TEST_JOB = str(ROOT / "tests" / "jobs" / "interruptible.py")
 STARTUP_TIMEOUT = 180
+COMMIT_TIMEOUT = 120
 TIMEOUT = 240  # seconds any one wait on a driver may take on a loaded 2-core machine
 
 
@@ -71,10 +73,12 @@ def run_and_kill_at(storage: Path | str, pause_at: str, tmp: Path, *extra: str, 
             if time.monotonic() > deadline:
                 raise AssertionError(f"run did not reach {pause_at} in {STARTUP_TIMEOUT}s")
             time.sleep(0.05)
+        deadline = time.monotonic() + COMMIT_TIMEOUT  # the upload runs on: a loaded machine slows it
         while expect is not None and not _committed_at(storage, expect):
             if time.monotonic() > deadline:
-                raise AssertionError(f"no checkpoint at {expect} was committed while paused at {pause_at}:\n{tail()}")
-            time.sleep(0.05)
+                raise AssertionError(f"no checkpoint at {expect} was committed in {COMMIT_TIMEOUT}s while paused at "
+                                     f"{pause_at}:\n{tail()}")
+            time.sleep(0.2)
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()
@@ -82,8 +86,14 @@ def run_and_kill_at(storage: Path | str, pause_at: str, tmp: Path, *extra: str, 
 
 
 def _committed_at(storage: Path | str, expect: dict) -> bool:
-    checkpoint = CheckpointStore(Storage(str(storage))).load_latest()
-    return checkpoint is not None and all(checkpoint.state["position"][k] == v for k, v in expect.items())
+    """Whether the newest committed checkpoint is at `expect`: one listing and one manifest read, not
+    a whole checkpoint (polled while the paused process's writer may still be uploading)."""
+    storage = Storage(str(storage))
+    names = CheckpointStore(storage).committed()
+    if not names:
+        return False
+    manifest = json.loads(storage.get(f"checkpoints/{names[0]}/MANIFEST.json"))
+    return all(manifest["position"][k] == v for k, v in expect.items() if k in manifest["position"])
 
 
 def latest(storage: Path | str) -> Checkpoint:

@@ -8,11 +8,14 @@ subprocesses inherit them. Each pytest worker starts its own pair.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import uuid
 
 BUCKET = "cluster-trainer-tests"
+# moto's server logs every request at INFO; pytest would keep thousands of lines per test.
+logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
 
 def _free_port() -> int:
