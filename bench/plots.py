@@ -39,7 +39,7 @@ def flush(trials, directory: str | None = None) -> str:
     axis.set_yticks(range(len(groups)), [f"{store}\n{size} MB" for store, size in groups])
     axis.invert_yaxis()
     axis.set_xlabel("seconds (median)")
-    axis.set_title("Preemption notice to committed checkpoint, against a raw write of the same bytes")
+    axis.set_title("Preemption: notice to committed checkpoint vs a raw write of the same bytes", fontsize=10)
     axis.legend(loc="lower right", fontsize=8)
     return _save(figure, "bench_preemption_flush.png", directory)
 
@@ -68,36 +68,43 @@ def reruns(results, directory: str | None = None) -> str:
 
 def restarts(trials, directory: str | None = None) -> str:
     """Process start to the run's first line, and to the first trained step: fresh start vs resume."""
+    from matplotlib.patches import Patch
+
     keys = list(dict.fromkeys((t.store, t.megabytes, t.kind) for t in trials))
-    figure, axis = plt.subplots(figsize=(8, 0.6 + 0.45 * len(keys)))
+    figure, axis = plt.subplots(figsize=(8, 1.2 + 0.45 * len(keys)))
+    colors = {"resume": "#1f77b4", "fresh": "#9e9e9e"}
     for row, (store, size, kind) in enumerate(keys):
         group = [t for t in trials if (t.store, t.megabytes, t.kind) == (store, size, kind)]
         to_line = statistics.median(t.to_line for t in group)
         to_step = statistics.median(t.to_first_step for t in group)
-        color = "#1f77b4" if kind == "resume" else "#9e9e9e"
-        axis.barh(row, to_line, color=color, alpha=0.55)
-        axis.barh(row, to_step - to_line, left=to_line, color=color)
+        axis.barh(row, to_line, color=colors[kind], alpha=0.45)
+        axis.barh(row, to_step - to_line, left=to_line, color=colors[kind])
     axis.set_yticks(range(len(keys)), [f"{store}, {size:.0f} MB: {kind}" for store, size, kind in keys], fontsize=8)
     axis.invert_yaxis()
-    axis.set_xlabel("seconds from process start (median); light: to the run's start/resume line, dark: to the first step's end")
-    axis.set_title("Restart to first trained step: fresh start vs resume from a checkpoint")
+    axis.set_xlabel("seconds from process start (median)")
+    axis.legend(handles=[Patch(color="#9e9e9e", alpha=0.45, label="start → \"starting run\" / \"resuming run\" line"),
+                         Patch(color="#9e9e9e", label="→ end of the first trained step")], fontsize=8, loc="lower left")
+    axis.set_title("Restart to first trained step: fresh start vs resume (blue)", fontsize=10)
     return _save(figure, "bench_resume_restart.png", directory)
 
 
 def data(trials, directory: str | None = None) -> str:
     """Time to the first batch when an epoch starts at batch b, per source and epoch length."""
     figure, axis = plt.subplots(figsize=(7, 4.2))
-    styles = ["-o", "--s", "-^", "--v"]
+    styles = {"arrays": ["-o", "-^"], "tf.data": ["--s", "--v"]}
     keys = list(dict.fromkeys((t.source, t.batches) for t in trials))
-    for (source, batches), style in zip(keys, styles * 2):
+    used: dict[str, int] = {}
+    for source, batches in keys:
+        family = "arrays" if source.startswith("numpy") else "tf.data"
+        style = styles[family][used.get(family, 0) % 2]
+        used[family] = used.get(family, 0) + 1
         starts = sorted({t.start_batch for t in trials if (t.source, t.batches) == (source, batches)})
-        values = [1000 * statistics.median(t.seconds for t in trials if (t.source, t.batches, t.start_batch)
-                                           == (source, batches, s)) for s in starts]
-        axis.plot([s / batches for s in starts], values, style, label=f"{source.split(' (')[0]}, {batches:,} batches/epoch")
-    axis.set_yscale("log")
-    axis.set_xlabel("resume position in the epoch (start batch / batches per epoch)")
-    axis.set_ylabel("ms to the first batch (median, log scale)")
-    axis.set_title("Starting an epoch late: random access vs skip")
+        values = [statistics.median(t.seconds for t in trials if (t.source, t.batches, t.start_batch)
+                                    == (source, batches, s)) for s in starts]
+        axis.plot(starts, values, style, label=f"{source.split(' (')[0]}, {batches:,} batches/epoch")
+    axis.set_xlabel("start batch b (batches the resumed epoch skips)")
+    axis.set_ylabel("seconds to the first batch (median)")
+    axis.set_title("Starting an epoch at batch b: random access vs skip", fontsize=10)
     axis.legend(fontsize=8)
-    axis.grid(True, which="both", alpha=0.3)
+    axis.grid(True, alpha=0.3)
     return _save(figure, "bench_resume_data.png", directory)

@@ -41,6 +41,9 @@ import time
 from pathlib import Path
 
 from bench.procs import Training, child_env, cluster_trainer_command, keras_fit_command
+from cluster_trainer.checkpoint import CheckpointStore
+from cluster_trainer.checkpoint.format import serialize
+from cluster_trainer.job import CheckpointPolicy
 from cluster_trainer.storage import Storage
 
 FLUSH_BATCH = 16
@@ -62,6 +65,7 @@ class FlushTrial:
     signal_to_exit: float
     raw_write: float  # fs.pipe of the same bytes
     raw_write_fsync: float | None  # local disk: fs.pipe, then fsync each file and the directory
+    serialize: float  # safetensors + SHA-256 of the same state, in this process: CPU work a raw write skips
 
 
 def _checkpoint_files(storage: Storage, name: str) -> dict[str, bytes]:
@@ -113,10 +117,15 @@ def flush_trial(store: str, base: str, megabytes: int, number: int, work: Path, 
     storage = Storage(uri)
     files = _checkpoint_files(storage, name)
     raw, raw_fsync = _raw_write(storage, files, "raw")
+    checkpoint = CheckpointStore(storage).read(name)
+    started = time.perf_counter()
+    serialize(sequence=1, step=0, attempt=1, tensors=checkpoint.tensors, state=checkpoint.state,
+              shard_bytes=CheckpointPolicy().shard_mb * 2**20)
+    serialized = time.perf_counter() - started
     storage.remove_tree("")
     return FlushTrial(store=store, megabytes=sum(map(len, files.values())) / 1e6, flush_logged=logged,
                       signal_to_commit=run.line_time("after the notice") - sent, signal_to_exit=run.exited - sent,
-                      raw_write=raw, raw_write_fsync=raw_fsync)
+                      raw_write=raw, raw_write_fsync=raw_fsync, serialize=serialized)
 
 
 def run_flush(stores: dict[str, str], sizes: list[int], repeats: int, work: Path, devices: int) -> list[FlushTrial]:
@@ -138,8 +147,8 @@ def flush_table(trials: list[FlushTrial]) -> str:
         groups.setdefault((t.store, round(t.megabytes)), []).append(t)
     lines = [
         "| store | checkpoint | raw fs.pipe | flush (run's log) | flush / raw | signal → committed line "
-        "| signal → exit | raw + fsync | flush / (raw + fsync) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| signal → exit | raw + fsync | flush / (raw + fsync) | serialise + SHA-256 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for (store, _), group in groups.items():
         med = lambda key: statistics.median(getattr(t, key) for t in group)  # noqa: E731
@@ -149,6 +158,7 @@ def flush_table(trials: list[FlushTrial]) -> str:
             f"| {store} | {med('megabytes'):.0f} MB | {raw:.2f} s | {flush:.2f} s | **{flush / raw:.1f}x** | "
             f"{med('signal_to_commit'):.2f} s | {med('signal_to_exit'):.2f} s | "
             + (f"{synced:.2f} s | {flush / synced:.1f}x |" if synced is not None else "- | - |")
+            + f" {med('serialize'):.2f} s |"
         )
     spread = []
     for (store, size), group in groups.items():
@@ -267,6 +277,9 @@ def start_s3(servers: list) -> str:
                        "AWS_EC2_METADATA_DISABLED": "true"})
     import s3fs
 
+    # fsspec caches filesystems by their arguments, and the endpoint comes from the environment: drop any
+    # instance still pointing at an earlier server (bench.checkpoint_io's, in a full `python -m bench` run).
+    s3fs.S3FileSystem.clear_instance_cache()
     s3fs.S3FileSystem(skip_instance_cache=True).mkdir("bench-preemption")
     return "s3://bench-preemption"
 

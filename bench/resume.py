@@ -180,23 +180,25 @@ def _first_batch_seconds(source, strategy, start_batch: int) -> float:
 
 
 def run_data(batches_list: list[int], repeats: int, work: Path) -> list[DataTrial]:
+    """Every (size, start batch, source) once per repetition, interleaved, so load changes hit all alike."""
     from cluster_trainer.devices import make_strategy
 
     strategy = make_strategy(2)
-    trials = []
-    for batches in batches_list:
-        sources = _sources(batches, work)
-        for source in sources.values():  # warm: trace and allocate once
+    sources = {batches: _sources(batches, work) for batches in batches_list}
+    for by_name in sources.values():  # warm: trace and allocate once
+        for source in by_name.values():
             _first_batch_seconds(source, strategy, 0)
-        for repeat in range(repeats):
+    trials = []
+    for repeat in range(repeats):
+        for batches, by_name in sources.items():
             for fraction in FRACTIONS:
-                for name, source in sources.items():
+                for name, source in by_name.items():
                     start = int(fraction * batches)
                     trials.append(DataTrial(name, batches, start, _first_batch_seconds(source, strategy, start)))
-            print(f"data {repeat + 1}/{repeats}, {batches} batches/epoch: " + "; ".join(
-                f"{name.split(' (')[0]} {statistics.median(t.seconds for t in trials if t.source == name and t.batches == batches and t.start_batch == 0):.3f}s"
-                f" -> {statistics.median(t.seconds for t in trials if t.source == name and t.batches == batches and t.start_batch == int(0.9 * batches)):.3f}s"
-                for name in sources), flush=True)
+        print(f"data {repeat + 1}/{repeats}: " + "; ".join(
+            f"{name.split(' (')[0]}, {batches} batches: {data_median(trials, name, batches, 0):.3f}s -> "
+            f"{data_median(trials, name, batches, int(0.9 * batches)):.3f}s"
+            for batches, by_name in sources.items() for name in by_name), flush=True)
     return trials
 
 
@@ -212,8 +214,9 @@ def data_table(trials: list[DataTrial]) -> str:
         for batches in dict.fromkeys(t.batches for t in trials):
             start = int(0.9 * batches)
             at0, late = data_median(trials, source, batches, 0), data_median(trials, source, batches, start)
+            per_batch = f"{1e6 * (late - at0) / start:.0f} µs" if late > at0 else "none (faster)"
             lines.append(f"| {source} | {batches:,} | {1000 * at0:.1f} ms | {1000 * late:.1f} ms | **{late / at0:.2f}x** | "
-                         f"{1e6 * max(late - at0, 0) / start:.1f} µs |")
+                         f"{per_batch} |")
     return "\n".join(lines) + "\n"
 
 
