@@ -27,7 +27,7 @@ def flush(trials, directory: str | None = None) -> str:
     series = [("raw fs.pipe", "raw_write", "#9e9e9e"), ("raw fs.pipe + fsync", "raw_write_fsync", "#616161"),
               ("flush: notice → committed (run's log)", "flush_logged", "#1f77b4"),
               ("signal sent → process exited", "signal_to_exit", "#aec7e8")]
-    figure, axis = plt.subplots(figsize=(8, 0.9 + 0.9 * len(groups)))
+    figure, axis = plt.subplots(figsize=(8, 1.6 + 0.9 * len(groups)))
     height = 0.8 / len(series)
     for i, (label, key, color) in enumerate(series):
         values = []
@@ -40,7 +40,7 @@ def flush(trials, directory: str | None = None) -> str:
     axis.invert_yaxis()
     axis.set_xlabel("seconds (median)")
     axis.set_title("Preemption: notice to committed checkpoint vs a raw write of the same bytes", fontsize=10)
-    axis.legend(loc="lower right", fontsize=8)
+    axis.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, fontsize=8)
     return _save(figure, "bench_preemption_flush.png", directory)
 
 
@@ -71,7 +71,7 @@ def restarts(trials, directory: str | None = None) -> str:
     from matplotlib.patches import Patch
 
     keys = list(dict.fromkeys((t.store, t.megabytes, t.kind) for t in trials))
-    figure, axis = plt.subplots(figsize=(8, 1.2 + 0.45 * len(keys)))
+    figure, axis = plt.subplots(figsize=(8, 1.8 + 0.45 * len(keys)))
     colors = {"resume": "#1f77b4", "fresh": "#9e9e9e"}
     for row, (store, size, kind) in enumerate(keys):
         group = [t for t in trials if (t.store, t.megabytes, t.kind) == (store, size, kind)]
@@ -83,7 +83,8 @@ def restarts(trials, directory: str | None = None) -> str:
     axis.invert_yaxis()
     axis.set_xlabel("seconds from process start (median)")
     axis.legend(handles=[Patch(color="#9e9e9e", alpha=0.45, label="start → \"starting run\" / \"resuming run\" line"),
-                         Patch(color="#9e9e9e", label="→ end of the first trained step")], fontsize=8, loc="lower left")
+                         Patch(color="#9e9e9e", label="→ end of the first trained step")], fontsize=8,
+                loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2)
     axis.set_title("Restart to first trained step: fresh start vs resume (blue)", fontsize=10)
     return _save(figure, "bench_resume_restart.png", directory)
 
