@@ -1,5 +1,3 @@
-import sys
+from cluster_trainer.cli import entry_point
 
-from cluster_trainer.cli import main
-
-sys.exit(main())
+entry_point()

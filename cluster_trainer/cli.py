@@ -427,5 +427,22 @@ def _storage_options(args) -> dict:
     return options
 
 
+def entry_point() -> None:
+    """The `cluster-trainer` command (and `python -m cluster_trainer`).
+
+    A preempted run leaves at once, skipping interpreter shutdown: its state is
+    committed and its writer stopped, and tearing down tf.data's prefetch threads
+    and Python's final garbage collection took about 1 s of the grace period
+    after the commit (16 s once, on a loaded machine).
+    """
+    code = main()
+    if code == EXIT_PREEMPTED:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        logging.shutdown()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry_point()
