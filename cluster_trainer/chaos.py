@@ -181,11 +181,11 @@ def run_chaos(
         echo(f"#{number}: {kind} after step {result.reached} (aimed at {target}), exit {result.exit_code}; "
              f"committed at step {committed}, {result.steps_rerun} step(s) to re-run"
              + ("; a checkpoint was left half-written" if result.torn else ""))
-    if _newest(uri) is None or not _newest(uri).state["position"]["finished"]:
+    final = _newest(uri)
+    if final is None or not final.state["position"]["finished"]:
         echo("resuming to the end")
         runner.run_to_end(uri, "final")
-
-    final = _newest(uri)
+        final = _newest(uri)
     differences = compare_runs(reference, final, python_rng=_compares_python_rng(uri))
     history_differences, epoch_rows, step_rows = compare_histories(reference_uri, uri)
     return ChaosReport(

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import sys
 from typing import Any, Callable, Mapping, Sequence
 
@@ -305,8 +306,9 @@ def trials_table(results, sweep_uri: str, metric: str, mode: str, storage_option
 
     rows = []
     for result in results:
-        trial_id = result.metrics.get("trial_id") if result.metrics else None
-        trial_id = trial_id or os.path.basename(result.path).split("_")[1]
+        # A trial that never reported has no metrics; its directory name holds the id too (`_trial_495fe_00003_...`).
+        trial_id = ((result.metrics or {}).get("trial_id")
+                    or re.search(r"_([0-9a-f]+_\d{5})", os.path.basename(result.path))[1])
         uri = f"{sweep_uri}/{trial_id}"
         run_storage = Storage(uri, storage_options)
         try:
