@@ -84,7 +84,10 @@ class Progress(keras.callbacks.Callback):
         pass
 
     def on_train_batch_end(self, batch, logs=None):
-        step = int(self.model.optimizer.iterations.numpy())
+        self.report(int(self.model.optimizer.iterations.numpy()))
+
+    def report(self, step: int) -> None:
+        """Write `first step, this step, first step's wall time`; signal this process at the chosen step."""
         if self._first is None:
             self._first, self._first_time = step - 1, time.time()
         if self._path:

@@ -22,43 +22,30 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import sys
-import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
 
-from bench.bench_job import build_model, env_int, make_data  # noqa: E402
+from bench.bench_job import Progress, build_model, env_int, make_data  # noqa: E402
 
 
-class DataProgress(keras.callbacks.Callback):
+class DataProgress(Progress):
+    """`Progress`, counting steps by data position: a restarted `fit` has a fresh optimizer step
+    counter only until BackupAndRestore loads its backup, so the step a batch stands for comes
+    from (epoch, batch)."""
+
     def __init__(self, steps_per_epoch: int):
         super().__init__()
         self.steps_per_epoch = steps_per_epoch
-        self._path = os.environ.get("BENCH_PROGRESS")
-        kind, _, step = os.environ.get("BENCH_SIGNAL_AT", ":").partition(":")
-        self._signal = getattr(signal, kind) if kind else None
-        self._signal_step = int(step) if step else None
         self._epoch = 0
-        self._first = None
-        self._first_time = None
 
     def on_epoch_begin(self, epoch, logs=None):
         self._epoch = epoch
 
     def on_train_batch_end(self, batch, logs=None):
-        step = self._epoch * self.steps_per_epoch + batch + 1
-        if self._first is None:
-            self._first, self._first_time = step - 1, time.time()
-        if self._path:
-            temporary = f"{self._path}.tmp"
-            with open(temporary, "w") as f:
-                f.write(f"{self._first} {step} {self._first_time:.6f}")
-            os.replace(temporary, self._path)
-        if self._signal is not None and step == self._signal_step:
-            os.kill(os.getpid(), self._signal)
+        self.report(self._epoch * self.steps_per_epoch + batch + 1)
 
 
 def main() -> int:
