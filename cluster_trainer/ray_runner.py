@@ -452,7 +452,7 @@ def connect(address: str | None = None, echo: Callable[[str], None] | None = Non
 
     Example:
         >>> connected = connect("auto")        # doctest: +SKIP
-        >>> ...
+        >>> # ... tasks, actors, cluster_trainer.run(...) ...
         >>> if connected:                      # doctest: +SKIP
         ...     disconnect()
     """

@@ -20,9 +20,9 @@ class Retention:
         keep_every_epochs: also keep the end-of-epoch checkpoint of every N-th epoch.
 
     Example:
-        >>> entries = [{"name": "a", "epoch_end": 1, "metrics": {"val_loss": 0.5}},
+        >>> entries = [{"name": "c", "epoch_end": None, "metrics": None},  # newest first
         ...            {"name": "b", "epoch_end": 2, "metrics": {"val_loss": 0.7}},
-        ...            {"name": "c", "epoch_end": None, "metrics": None}]
+        ...            {"name": "a", "epoch_end": 1, "metrics": {"val_loss": 0.5}}]
         >>> sorted(Retention(keep_last=1, keep_best="val_loss").kept(entries))
         ['a', 'c']
     """
