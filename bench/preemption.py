@@ -41,6 +41,7 @@ import time
 from pathlib import Path
 
 from bench.procs import Training, child_env, cluster_trainer_command, keras_fit_command
+from bench.raw_io import raw_write
 from cluster_trainer.checkpoint import CheckpointStore
 from cluster_trainer.checkpoint.format import serialize
 from cluster_trainer.job import CheckpointPolicy
@@ -65,36 +66,12 @@ class FlushTrial:
     signal_to_exit: float
     raw_write: float  # fs.pipe of the same bytes
     raw_write_fsync: float | None  # local disk: fs.pipe, then fsync each file and the directory
-    serialize: float  # safetensors + SHA-256 of the same state, in this process: CPU work a raw write skips
+    serialize: float  # encoding + CRC-32 of the same state, in this process: CPU work a raw write skips (overlapped with the upload)
 
 
 def _checkpoint_files(storage: Storage, name: str) -> dict[str, bytes]:
     paths = storage.list_files(f"checkpoints/{name}")
     return {path.rsplit("/", 1)[1]: storage.get(path) for path in paths}
-
-
-def _raw_write(storage: Storage, files: dict[str, bytes], prefix: str) -> tuple[float, float | None]:
-    """Seconds for `fs.pipe` of `files` under `prefix` (and with fsync, on local disk)."""
-    targets = {storage.path(f"{prefix}/{name}"): data for name, data in files.items()}
-    if storage.is_local:
-        os.makedirs(storage.path(prefix), exist_ok=True)
-    storage.fs.pipe({storage.path(f"{prefix}-warm"): b"x"})  # a connection to the store, as the run had one
-    storage.remove(f"{prefix}-warm")
-    started = time.perf_counter()
-    storage.fs.pipe(targets)
-    plain = time.perf_counter() - started
-    synced = None
-    if storage.is_local:
-        for target in targets:
-            fd = os.open(target, os.O_RDONLY)
-            os.fsync(fd)
-            os.close(fd)
-        fd = os.open(storage.path(prefix), os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
-        synced = time.perf_counter() - started
-    storage.remove_tree(prefix)
-    return plain, synced
 
 
 def flush_trial(store: str, base: str, megabytes: int, number: int, work: Path, devices: int) -> FlushTrial:
@@ -116,7 +93,7 @@ def flush_trial(store: str, base: str, megabytes: int, number: int, work: Path, 
     name, logged = match.group(1), float(match.group(2))
     storage = Storage(uri)
     files = _checkpoint_files(storage, name)
-    raw, raw_fsync = _raw_write(storage, files, "raw")
+    raw, raw_fsync = raw_write(storage, files, "raw")
     checkpoint = CheckpointStore(storage).read(name)
     started = time.perf_counter()
     serialize(sequence=1, step=0, attempt=1, tensors=checkpoint.tensors, state=checkpoint.state,
@@ -147,7 +124,7 @@ def flush_table(trials: list[FlushTrial]) -> str:
         groups.setdefault((t.store, round(t.megabytes)), []).append(t)
     lines = [
         "| store | checkpoint | raw fs.pipe | flush (run's log) | flush / raw | signal → committed line "
-        "| signal → exit | raw + fsync | flush / (raw + fsync) | serialise + SHA-256 |",
+        "| signal → exit | raw + fsync | flush / (raw + fsync) | encode + CRC-32 |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for (store, _), group in groups.items():

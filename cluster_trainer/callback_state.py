@@ -131,7 +131,8 @@ def _decode(value: Any, tensors: dict[str, np.ndarray]) -> Any:
         return [_decode(v, tensors) for v in value]
     if isinstance(value, dict):
         if "__tensor__" in value:
-            return tensors[value["__tensor__"]]
+            array = tensors[value["__tensor__"]]
+            return array if array.flags.writeable else array.copy()  # a callback may change it in place
         if "__numpy_scalar__" in value:
             return np.dtype(value["__numpy_scalar__"]).type(value["value"])
         if "__tuple__" in value:

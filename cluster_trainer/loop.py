@@ -222,7 +222,7 @@ class _Run:
 
     # -- checkpoints ---------------------------------------------------------
 
-    def _commit(self, epoch_logs: dict | None = None, publish: bool = False) -> None:
+    def _commit(self, epoch_logs: dict | None = None, publish: bool = False, prune: bool = True) -> None:
         """Copy the state to host memory and queue its commit; the upload runs in the background."""
         flush = getattr(self.callbacks, "_flush_futures", None)
         if flush is not None:  # async batch-end callbacks must have run before their state is read
@@ -273,6 +273,7 @@ class _Run:
             run_id=self.run_id,
             position={k: getattr(self.position, k) for k in ("epoch", "batch", "global_step")},
             published=published,
+            prune=prune,
         )
 
     # -- the loop --------------------------------------------------------------
@@ -412,7 +413,7 @@ class _Run:
         p = self.position
         self.echo(f"preemption notice ({notice.source}): committing at epoch {p.epoch + 1}, batch {p.batch} "
                   f"(global step {p.global_step}); {notice.seconds_left():.1f}s to the deadline")
-        self._commit(epoch_logs, publish=True)
+        self._commit(epoch_logs, publish=True, prune=False)  # deleting old checkpoints can wait for the next attempt
         self.writer.wait()
         took = time.monotonic() - notice.received_at
         left = notice.seconds_left()

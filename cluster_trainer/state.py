@@ -99,12 +99,15 @@ def capture_model_state(model) -> tuple[dict[str, np.ndarray], list[dict]]:
     for entry in _describe(model):
         variable = entry.pop("variable")
         parts = _replica_parts(variable)
+        # Each array must be a copy of its own: the upload runs in the background while training
+        # updates the variable. np.stack allocates one; convert_to_numpy usually does (np.array
+        # of the tensor), and an array that does not own its memory is copied here.
         if parts is not None:
-            tensors[entry["key"]] = np.stack([np.array(p.numpy(), copy=True) for p in parts])
+            tensors[entry["key"]] = np.stack([p.numpy() for p in parts])
             entry["replicas"] = len(parts)
         else:
-            # A real copy: the upload runs in the background while training updates the variable.
-            tensors[entry["key"]] = np.array(keras.ops.convert_to_numpy(variable.value), copy=True)
+            array = keras.ops.convert_to_numpy(variable.value)
+            tensors[entry["key"]] = array if array.flags.owndata else array.copy()
         index.append(entry)
     return tensors, index
 

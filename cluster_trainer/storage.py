@@ -17,6 +17,10 @@ whole or not at all). Locally a file is written beside its target, fsynced and
 renamed over it. Never stream into the final name: fsspec commits a partially
 written object when an exception leaves `with fs.open(...)`.
 
+An object's data is `bytes`, or a list of buffers it is the concatenation of
+(a checkpoint shard: its header and the arrays' own memory). Local files are
+written from the buffers as they are; object stores get them joined once.
+
 Transient errors (timeouts, resets, 408/429/5xx) are retried with exponential
 backoff and jitter, a bounded number of times; anything else fails at once.
 """
@@ -32,7 +36,7 @@ import posixpath
 import random
 import time
 import uuid
-from typing import Callable, Iterable, TypeVar
+from typing import Callable, Iterable, Sequence, TypeVar, Union
 
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # else gcsfs waits 30-90 s on a gRPC probe
 
@@ -42,6 +46,7 @@ from cluster_trainer.errors import StorageError  # noqa: E402
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+Data = Union[bytes, Sequence]  # a whole object, or the buffers it is the concatenation of
 
 _TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
 _TRANSIENT_ERRNO = {errno.ECONNRESET, errno.ECONNREFUSED, errno.ETIMEDOUT, errno.EPIPE, errno.EIO, errno.EAGAIN}
@@ -164,40 +169,48 @@ class Storage:
 
     # -- reads and writes ------------------------------------------------------
 
-    def put(self, relative: str, data: bytes, *, exclusive: bool = False) -> None:
+    def put(self, relative: str, data: Data, *, exclusive: bool = False) -> None:
         """Write `data` to `relative` atomically: readers see no object, or all of it.
 
         With `exclusive`, fail with FileExistsError if the object exists (local
         exclusive link, S3 `If-None-Match: *`; a store that ignores
         preconditions, like the GCS emulator, gives no such guarantee).
         """
-        target = self.path(relative)
+        self._write(self.path(relative), data, exclusive=exclusive)
+
+    def _write(self, target: str, data: Data, *, exclusive: bool = False, sync_directory: bool = True) -> None:
         if self.is_local:
-            self._call(f"write {target}", lambda: _local_atomic_write(target, data, exclusive))
-        else:
-            mode = "create" if exclusive else "overwrite"
-            self._call(f"write {target}", lambda: self.fs.pipe_file(target, data, mode=mode))
-
-    def put_many(self, items: dict[str, bytes]) -> None:
-        """Write several objects in parallel (each atomically).
-
-        On object stores one `fs.pipe` call uploads them concurrently on
-        fsspec's event loop (faster than a thread per object); a transient error
-        retries the batch, which is safe because every put is a whole object.
-        """
-        if not self.is_local:
-            targets = {self.path(relative): data for relative, data in items.items()}
-            self._call(f"write {len(targets)} objects under {self.uri}", lambda: self.fs.pipe(targets))
+            self._call(f"write {target}", lambda: _local_atomic_write(target, data, exclusive, sync_directory))
             return
-        targets = {self.path(relative): data for relative, data in items.items()}
-        futures = [
-            self._pool.submit(self._call, f"write {target}", lambda t=target, d=data: _local_atomic_write(t, d, False, False))
-            for target, data in targets.items()
-        ]
+        whole = data if isinstance(data, bytes) else b"".join(data)
+        mode = "create" if exclusive else "overwrite"
+        self._call(f"write {target}", lambda: self.fs.pipe_file(target, whole, mode=mode))
+
+    def put_many(self, items: dict[str, Data]) -> None:
+        """Write several objects in parallel (each atomically)."""
+        self.put_stream(items.items())
+
+    def put_stream(self, items: Iterable[tuple[str, Data]]) -> None:
+        """Write objects in parallel, each one starting as soon as `items` yields it.
+
+        Returns once all are written; raises the first error after every write
+        has ended (none is left running). Each write is atomic and retried on
+        its own. Locally, each directory is fsynced once, after all its renames.
+        """
+        futures: list[concurrent.futures.Future] = []
+        directories = set()
+        try:
+            for relative, data in items:
+                target = self.path(relative)
+                directories.add(os.path.dirname(target))
+                futures.append(self._pool.submit(self._write, target, data, sync_directory=False))
+        finally:
+            concurrent.futures.wait(futures)
         for future in futures:
             future.result()
-        for directory in {os.path.dirname(target) for target in targets}:
-            _fsync_directory(directory)  # once per directory, after all its renames
+        if self.is_local:
+            for directory in directories:
+                _fsync_directory(directory)
 
     def get(self, relative: str) -> bytes:
         target = self.path(relative)
@@ -246,12 +259,12 @@ def _protocols(fs) -> tuple:
     return protocol if isinstance(protocol, tuple) else (protocol,)
 
 
-def _local_atomic_write(target: str, data: bytes, exclusive: bool, sync_directory: bool = True) -> None:
+def _local_atomic_write(target: str, data: Data, exclusive: bool, sync_directory: bool = True) -> None:
     os.makedirs(os.path.dirname(target), exist_ok=True)
     temporary = f"{target}.tmp-{uuid.uuid4().hex}"
     try:
         with open(temporary, "wb") as f:
-            f.write(data)
+            f.writelines([data] if isinstance(data, bytes) else data)
             f.flush()
             os.fsync(f.fileno())
         if exclusive:

@@ -37,6 +37,73 @@ def test_round_trip_keeps_dtypes_shapes_and_scalars(store):
     assert loaded.state == {"n": 1}
 
 
+def test_shards_are_safetensors_files_written_without_copying_the_arrays():
+    """Our zero-copy encoder writes what safetensors itself reads, for every dtype it maps and odd shapes."""
+    from safetensors.numpy import load
+
+    from cluster_trainer.checkpoint.format import safetensors_parts
+
+    tensors = {
+        f"{dtype}/{shape}": (np.arange(int(np.prod(shape))) % 3).astype(dtype).reshape(shape)
+        for dtype in ["float64", "float32", "float16", "int64", "uint64", "int32", "uint32", "int16", "uint16",
+                      "int8", "uint8", "bool"]
+        for shape in [(), (0,), (5,), (2, 0, 3), (3, 4)]
+    }
+    parts = safetensors_parts(tensors)
+    assert len(parts) == len(tensors) + 1  # the header, then each array's own memory
+    matrix = tensors["float32/(3, 4)"]
+    assert any(np.shares_memory(np.frombuffer(part, np.uint8), matrix) for part in parts[1:] if len(part))
+    data = b"".join(parts)
+    assert (8 + int.from_bytes(data[:8], "little")) % 8 == 0  # the data starts 8-byte aligned, as safetensors writes it
+    loaded = load(data)
+    assert loaded.keys() == tensors.keys()
+    for key, value in tensors.items():
+        assert loaded[key].dtype == value.dtype and loaded[key].shape == value.shape and np.array_equal(loaded[key], value)
+    assert load(b"".join(safetensors_parts({}))) == {}
+
+
+def test_restored_tensors_are_read_only_views_of_the_shard_and_a_bad_header_is_a_clear_error():
+    from cluster_trainer.checkpoint.format import read_safetensors, safetensors_parts
+
+    data = b"".join(safetensors_parts({"w": np.arange(6, dtype="float32").reshape(2, 3), "s": np.array(3, "int64")}))
+    tensors = read_safetensors(data, "shard")
+    assert np.shares_memory(tensors["w"], np.frombuffer(data, np.uint8)) and not tensors["w"].flags.writeable
+    assert tensors["w"].tolist() == [[0, 1, 2], [3, 4, 5]] and tensors["s"].shape == () and tensors["s"] == 3
+    with pytest.raises(CheckpointError, match="shard: not a readable safetensors file"):
+        read_safetensors(data[:-4], "shard")
+    with pytest.raises(CheckpointError, match="shard: not a readable safetensors file"):
+        read_safetensors(b"\xff" * 12, "shard")
+
+
+def test_a_dtype_outside_the_encoder_falls_back_to_safetensors_own_writer():
+    from safetensors.numpy import load
+
+    from cluster_trainer.checkpoint.format import safetensors_parts
+
+    big_endian = np.arange(4, dtype=">f4")
+    parts = safetensors_parts({"be": big_endian, "w": np.ones(2, "float32")})
+    assert len(parts) == 1
+    assert np.array_equal(load(parts[0])["be"], big_endian)
+
+
+def test_a_manifest_with_sha256_checksums_from_earlier_versions_still_verifies(store, tmp_path):
+    import hashlib
+
+    name = commit(store, 1, w=np.arange(4, dtype="float32"))
+    manifest_path = tmp_path / "run" / "checkpoints" / name / "MANIFEST.json"
+    manifest = json.loads(manifest_path.read_text())
+    for entry in manifest["files"]:
+        data = (manifest_path.parent / entry["name"]).read_bytes()
+        entry["sha256"] = hashlib.sha256(data).hexdigest()
+        del entry["crc32"]
+    manifest_path.write_text(json.dumps(manifest))
+    assert np.array_equal(store.load_latest().tensors["w"], np.arange(4, dtype="float32"))
+    shard = manifest_path.parent / manifest["tensors"]["w"]
+    shard.write_bytes(shard.read_bytes()[:-1] + b"\x01")  # same size, one byte changed
+    with pytest.raises(CheckpointError, match="checksum mismatch"):
+        store.load_latest()
+
+
 def test_shards_are_bounded_and_a_tensor_larger_than_a_shard_is_split_and_joined(store):
     big = np.arange(100, dtype="float32").reshape(25, 4)  # 400 bytes, shard bound 64
     commit(store, 1, a=np.zeros(10, "float32"), b=np.ones(10, "float32"), big=big)

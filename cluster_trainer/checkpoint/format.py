@@ -9,9 +9,21 @@ Layout under the run::
         MANIFEST.json                 written last: the commit
 
 A checkpoint exists only once its `MANIFEST.json` is in place (one atomic put).
-The manifest lists every file with its size and SHA-256 and which shard holds
+The manifest lists every file with its size and CRC-32 and which shard holds
 each tensor; readers verify all of them before using anything. Tensors are
 safetensors and state is JSON: loading never runs code.
+
+Checksums are CRC-32 (zlib): they guard against truncation and bit rot, as the
+stores' own CRC32C does, at ~4 GB/s on any buffer without a copy (SHA-256
+took 0.06 s per 100 MB of every commit). An adversary who can rewrite a shard
+can rewrite the manifest too, so a cryptographic hash would add nothing.
+Manifests written with SHA-256 by earlier versions still verify.
+
+Shards are encoded without copying the arrays: a file is a list of buffers (the
+safetensors header, then each array's own memory), which local storage writes
+as they are and object stores join once for the upload. `encode_files` yields
+the files one by one, so the first upload starts while later shards are being
+encoded.
 
 The sequence counts the run's commits (two can share a global step: the last
 batch of an epoch, and the end of that epoch after validation); the attempt
@@ -24,8 +36,10 @@ import dataclasses
 import hashlib
 import json
 import re
+import struct
 import time
-from typing import Any
+import zlib
+from typing import Any, Iterator
 
 import numpy as np
 from safetensors.numpy import load as load_safetensors
@@ -42,7 +56,7 @@ NAME = re.compile(r"^c(\d{8,})-s(\d{10,})-a(\d{4,})$")
 
 @dataclasses.dataclass
 class Checkpoint:
-    """A committed, verified checkpoint read back into memory."""
+    """A committed, verified checkpoint read back into memory (tensors are read-only views of the files)."""
 
     name: str
     sequence: int
@@ -63,8 +77,106 @@ def parse_name(name: str) -> tuple[int, int, int] | None:
     return (int(match[1]), int(match[2]), int(match[3])) if match else None
 
 
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+# numpy dtypes (native byte order) and their safetensors names
+_SAFETENSORS_DTYPES = {
+    np.dtype(name): code
+    for name, code in [
+        ("float64", "F64"), ("float32", "F32"), ("float16", "F16"), ("int64", "I64"), ("uint64", "U64"),
+        ("int32", "I32"), ("uint32", "U32"), ("int16", "I16"), ("uint16", "U16"), ("int8", "I8"),
+        ("uint8", "U8"), ("bool", "BOOL"),
+    ]
+}  # fmt: skip
+
+
+_NUMPY_DTYPES = {code: dtype for dtype, code in _SAFETENSORS_DTYPES.items()}
+
+
+def crc32(parts: list) -> str:
+    """CRC-32 of the concatenation of `parts` (any buffers), as 8 hex digits."""
+    value = 0
+    for part in parts:
+        value = zlib.crc32(part, value)
+    return f"{value:08x}"
+
+
+def checksum_matches(entry: dict[str, Any], data: bytes) -> bool:
+    if "crc32" in entry:
+        return crc32([data]) == entry["crc32"]
+    return hashlib.sha256(data).hexdigest() == entry["sha256"]  # manifests of earlier versions
+
+
+def safetensors_parts(tensors: dict[str, np.ndarray]) -> list:
+    """The safetensors encoding of C-contiguous `tensors`, as buffers: the header, then each array's memory.
+
+    `b"".join(parts)` is a file `safetensors.numpy.load` reads. A dtype
+    safetensors' numpy reader does not know falls back to `safetensors.numpy.save`.
+
+    Example:
+        >>> parts = safetensors_parts({"w": np.arange(3, dtype="float32")})
+        >>> load_safetensors(b"".join(parts))["w"]
+        array([0., 1., 2.], dtype=float32)
+    """
+    header: dict[str, dict] = {}
+    buffers = []
+    offset = 0
+    for key in sorted(tensors):
+        array = tensors[key]
+        code = _SAFETENSORS_DTYPES.get(array.dtype)
+        if code is None or not array.flags.c_contiguous:
+            return [save_safetensors(tensors)]
+        header[key] = {"dtype": code, "shape": list(array.shape), "data_offsets": [offset, offset + array.nbytes]}
+        buffers.append(memoryview(array.reshape(-1).view(np.uint8)))
+        offset += array.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # as safetensors pads: the data starts 8-byte aligned
+    return [struct.pack("<Q", len(encoded)) + encoded, *buffers]
+
+
+def read_safetensors(data: bytes, where: str) -> dict[str, np.ndarray]:
+    """The tensors of a safetensors file, as read-only arrays over `data` (no copy).
+
+    A dtype this reader does not map goes through `safetensors.numpy.load`.
+
+    Example:
+        >>> read_safetensors(b"".join(safetensors_parts({"w": np.arange(2, dtype="int64")})), "doc")["w"]
+        array([0, 1])
+    """
+    try:
+        (length,) = struct.unpack_from("<Q", data)
+        header = json.loads(bytes(data[8 : 8 + length]))
+        start = 8 + length
+        tensors = {}
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            dtype = _NUMPY_DTYPES.get(info["dtype"])
+            if dtype is None:
+                return load_safetensors(bytes(data))
+            begin, end = info["data_offsets"]
+            count = int(np.prod(info["shape"], dtype=np.int64))
+            if end - begin != count * dtype.itemsize or start + end > len(data) or begin < 0:
+                raise ValueError(f"tensor {key!r} does not fit its offsets")
+            tensors[key] = np.frombuffer(data, dtype, count, start + begin).reshape(info["shape"])
+        return tensors
+    except (struct.error, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{where}: not a readable safetensors file ({e})") from None
+
+
+@dataclasses.dataclass
+class EncodedFile:
+    """One file of a checkpoint: the buffers it is made of, their total size and CRC-32."""
+
+    name: str
+    parts: list
+    size: int
+    crc32: str
+    tensors: list[str]
+
+    def entry(self) -> dict[str, Any]:
+        return {"name": self.name, "size": self.size, "crc32": self.crc32}
+
+    def data(self) -> bytes:
+        return b"".join(self.parts)
 
 
 def _split(tensors: dict[str, np.ndarray], shard_bytes: int) -> list[dict[str, np.ndarray]]:
@@ -98,19 +210,26 @@ def _split(tensors: dict[str, np.ndarray], shard_bytes: int) -> list[dict[str, n
     return shards
 
 
-def serialize(
-    *, sequence: int, step: int, attempt: int, tensors: dict[str, np.ndarray], state: dict[str, Any],
-    metrics: dict[str, float] | None = None, epoch_end: int | None = None, shard_bytes: int = DEFAULT_SHARD_BYTES,
-    run_id: str | None = None, position: dict[str, int] | None = None,
-) -> tuple[dict[str, bytes], bytes]:
-    """The files of a checkpoint (name -> bytes) and its manifest, to be written last."""
-    files: dict[str, bytes] = {}
-    tensor_files: dict[str, str] = {}
+def _encoded(name: str, parts: list, tensors: list[str]) -> EncodedFile:
+    return EncodedFile(name, parts, sum(memoryview(p).nbytes for p in parts), crc32(parts), tensors)
+
+
+def encode_files(tensors: dict[str, np.ndarray], state: dict[str, Any], shard_bytes: int = DEFAULT_SHARD_BYTES,
+                 ) -> Iterator[EncodedFile]:
+    """The files of a checkpoint, one at a time: tensor shards, then the JSON state.
+
+    The parts reference the arrays' memory: they must not change until written.
+    """
     for i, shard in enumerate(_split(tensors, shard_bytes)):
-        file = f"shard-{i:05d}.safetensors"
-        files[file] = save_safetensors(shard)
-        tensor_files.update({key: file for key in shard})
-    files[STATE] = json.dumps(state, sort_keys=True, allow_nan=True).encode()
+        yield _encoded(f"shard-{i:05d}.safetensors", safetensors_parts(shard), list(shard))
+    yield _encoded(STATE, [json.dumps(state, sort_keys=True, allow_nan=True).encode()], [])
+
+
+def manifest_bytes(
+    *, sequence: int, step: int, attempt: int, files: list[EncodedFile], metrics: dict[str, float] | None = None,
+    epoch_end: int | None = None, run_id: str | None = None, position: dict[str, int] | None = None,
+) -> bytes:
+    """The manifest committing `files`, to be written after all of them."""
     manifest = {
         "format": FORMAT,
         "run_id": run_id,
@@ -121,10 +240,20 @@ def serialize(
         "committed_at": time.time(),
         "metrics": metrics,  # the epoch's logs, for keeping the best checkpoint
         "epoch_end": epoch_end,  # epochs done, when committed at the end of an epoch
-        "files": [{"name": name, "size": len(data), "sha256": sha256(data)} for name, data in files.items()],
-        "tensors": tensor_files,
+        "files": [file.entry() for file in files],
+        "tensors": {key: file.name for file in files for key in file.tensors},
     }
-    return files, json.dumps(manifest, indent=1, sort_keys=True).encode()
+    return json.dumps(manifest, indent=1, sort_keys=True).encode()
+
+
+def serialize(
+    *, sequence: int, step: int, attempt: int, tensors: dict[str, np.ndarray], state: dict[str, Any],
+    shard_bytes: int = DEFAULT_SHARD_BYTES, **manifest_fields: Any,
+) -> tuple[dict[str, bytes], bytes]:
+    """The files of a checkpoint (name -> bytes) and its manifest, all at once (tests, benchmarks)."""
+    files = list(encode_files(tensors, state, shard_bytes))
+    manifest = manifest_bytes(sequence=sequence, step=step, attempt=attempt, files=files, **manifest_fields)
+    return {file.name: file.data() for file in files}, manifest
 
 
 def parse_manifest(name: str, data: bytes, where: str) -> dict[str, Any]:
@@ -137,7 +266,7 @@ def parse_manifest(name: str, data: bytes, where: str) -> dict[str, Any]:
     try:
         names = [entry["name"] for entry in manifest["files"]]
         for entry in manifest["files"]:
-            int(entry["size"]), str(entry["sha256"])
+            int(entry["size"]), str(entry["crc32"] if "crc32" in entry else entry["sha256"])
         identity = (manifest["sequence"], manifest["step"], manifest["attempt"])
         dict(manifest["tensors"])
     except (KeyError, TypeError, ValueError) as e:
@@ -161,12 +290,12 @@ def decode(name: str, manifest: dict[str, Any], contents: dict[str, bytes], wher
             raise CheckpointError(f"{location}: missing")
         if len(data) != entry["size"]:
             raise CheckpointError(f"{location}: {len(data)} bytes, manifest says {entry['size']} (truncated?)")
-        if sha256(data) != entry["sha256"]:
+        if not checksum_matches(entry, data):
             raise CheckpointError(f"{location}: checksum mismatch (corrupt)")
     stored: dict[str, np.ndarray] = {}
     for file, data in contents.items():
         if file.endswith(".safetensors"):
-            stored.update(load_safetensors(data))
+            stored.update(read_safetensors(data, f"{where}/{file}"))
     missing = set(manifest["tensors"]) - set(stored)
     if missing:
         raise CheckpointError(f"{where}: tensors listed in the manifest are missing: {sorted(missing)[:3]}")

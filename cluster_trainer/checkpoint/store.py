@@ -13,11 +13,13 @@ from cluster_trainer.checkpoint.format import (
     DEFAULT_SHARD_BYTES,
     MANIFEST,
     Checkpoint,
+    EncodedFile,
     checkpoint_name,
     decode,
+    encode_files,
+    manifest_bytes,
     parse_manifest,
     parse_name,
-    serialize,
 )
 from cluster_trainer.checkpoint.retention import Retention
 from cluster_trainer.errors import CheckpointError
@@ -53,23 +55,33 @@ class CheckpointStore:
         self, *, sequence: int, step: int, attempt: int, tensors: dict[str, np.ndarray], state: dict[str, Any],
         metrics: dict[str, float] | None = None, epoch_end: int | None = None, extra_files: dict[str, bytes] | None = None,
         run_id: str | None = None, position: dict[str, int] | None = None, published: dict[str, bytes] | None = None,
+        prune: bool = True,
     ) -> str:
         """Write a checkpoint, shards in parallel, and commit it by writing its manifest last.
 
-        `extra_files` (paths relative to the run) are written before the
-        manifest too. `published` files (views of the committed state, such as
-        the Parquet history) are written after it, overwriting: a failure there
-        is logged and does not undo the commit. Raises `SupersededError`,
-        without committing, if a later attempt of the run has registered.
+        Each shard's upload starts as soon as it is encoded. `extra_files`
+        (paths relative to the run) are written before the manifest too.
+        `published` files (views of the committed state, such as the Parquet
+        history) are written after it, overwriting: a failure there is logged
+        and does not undo the commit. Then retention prunes, unless `prune` is
+        False (a preemption flush leaves that to the next attempt). Raises
+        `SupersededError`, without committing, if a later attempt of the run
+        has registered.
         """
         started = time.monotonic()
         name = checkpoint_name(sequence, step, attempt)
-        files, manifest = serialize(
-            sequence=sequence, step=step, attempt=attempt, tensors=tensors, state=state,
-            metrics=metrics, epoch_end=epoch_end, shard_bytes=self.shard_bytes, run_id=run_id, position=position,
-        )
-        self.storage.put_many({self._rel(name, f): data for f, data in files.items()} | (extra_files or {}))
+        encoded: list[EncodedFile] = []
+
+        def files():
+            for file in encode_files(tensors, state, self.shard_bytes):
+                encoded.append(file)
+                yield self._rel(name, file.name), file.parts
+            yield from (extra_files or {}).items()
+
+        self.storage.put_stream(files())
         fencing.check_not_superseded(self.storage, attempt)
+        manifest = manifest_bytes(sequence=sequence, step=step, attempt=attempt, files=encoded, metrics=metrics,
+                                  epoch_end=epoch_end, run_id=run_id, position=position)
         self.storage.put(self._rel(name, MANIFEST), manifest)
         self._manifests[name] = {"metrics": metrics, "epoch_end": epoch_end}
         for relative, data in (published or {}).items():
@@ -77,8 +89,9 @@ class CheckpointStore:
                 self.storage.put(relative, data)
             except Exception as e:  # the checkpoint is committed; the view catches up at the next commit
                 log.warning("%s not updated after committing %s: %s: %s", relative, name, type(e).__name__, e)
-        log.debug("committed %s (%d bytes) in %.3fs", name, sum(map(len, files.values())), time.monotonic() - started)
-        self.prune(current_attempt=attempt)
+        log.debug("committed %s (%d bytes) in %.3fs", name, sum(f.size for f in encoded), time.monotonic() - started)
+        if prune:
+            self.prune(current_attempt=attempt)
         return name
 
     # -- finding -----------------------------------------------------------------
