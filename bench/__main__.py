@@ -41,8 +41,9 @@ if __name__ == "__main__":
     parser.add_argument("--seed", type=int, default=0, help="preemption: seed of the interruption schedule (default 0)")
     parser.add_argument("--resume-batches", type=int, nargs="+", default=[1000, 4000],
                         help="resume: batches per epoch of the late-start data benchmark (default 1000 4000)")
-    parser.add_argument("--stores", nargs="+", choices=["local", "s3"], default=["local", "s3"],
-                        help="preemption flush, resume restart: stores to run on (default local s3)")
+    parser.add_argument("--stores", nargs="+", choices=["local", "s3", "gcs"], default=["local", "s3", "gcs"],
+                        help="io, preemption flush, resume restart: stores to run on, local disk, moto's S3 server, "
+                             "the GCS emulator (default all three)")
     parser.add_argument("--devices", type=int, default=2,
                         help="preemption flush, resume restart: replicas of the training processes (default 2)")
     parser.add_argument("--write", action="store_true",
@@ -56,7 +57,7 @@ if __name__ == "__main__":
         if args.write:
             replace_section("loop_overhead", table)
     if args.only in (None, "io"):
-        table = checkpoint_io.run(args.sizes, args.repeats) + f"\nMedian of {args.repeats} runs each. {machine}\n"
+        table = checkpoint_io.run(args.sizes, args.repeats, args.stores) + f"\nMedian of {args.repeats} runs each. {machine}\n"
         print(table)
         if args.write:
             replace_section("checkpoint_io", table)

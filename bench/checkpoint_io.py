@@ -27,7 +27,6 @@ from __future__ import annotations
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 
@@ -35,6 +34,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 
 from bench.raw_io import raw_write as timed_raw_write  # noqa: E402
+from bench.stores import start_stores, stop_servers  # noqa: E402
 from cluster_trainer.native_logs import import_tensorflow_quietly  # noqa: E402
 
 import_tensorflow_quietly()
@@ -52,52 +52,6 @@ def model_of_size(megabytes: int) -> keras.Model:
     layers = max(1, round(megabytes / 4.2))
     model = keras.Sequential([keras.Input((1024,))] + [keras.layers.Dense(1024) for _ in range(layers)])
     return model
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _wait_for_port(port: int, process: subprocess.Popen, timeout: float = 60) -> None:
-    import socket
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"store server exited with {process.returncode}")
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"store server did not listen on {port} within {timeout}s")
-
-
-def start_stores(work: str, servers: list) -> dict[str, str]:
-    """Start the S3 server and the GCS emulator as separate processes on 127.0.0.1.
-
-    Separate processes, like a real remote store: in this process they would
-    compete with the code being measured for the GIL.
-    """
-    s3_port, gcs_port = _free_port(), _free_port()
-    quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    servers.append(subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(s3_port)], **quiet))
-    servers.append(subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "gcp-storage-emulator"), "start",
-                                     "-H", "127.0.0.1", "--port", str(gcs_port), "--in-memory",
-                                     "--default-bucket", "bench", "-q"], **quiet))
-    _wait_for_port(s3_port, servers[0])
-    _wait_for_port(gcs_port, servers[1])
-    os.environ.update({"AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{s3_port}", "AWS_ACCESS_KEY_ID": "bench",
-                       "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
-                       "AWS_EC2_METADATA_DISABLED": "true", "STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{gcs_port}",
-                       "FSSPEC_GCS_TOKEN": "anon", "NO_GCE_CHECK": "True"})
-    import s3fs
-
-    s3fs.S3FileSystem(skip_instance_cache=True).mkdir("bench")
-    return {"local disk": os.path.join(work, "local"), "S3 (moto server)": "s3://bench", "GCS (emulator)": "gs://bench"}
 
 
 def timed(fn, repeats: int, after=None) -> float:
@@ -170,12 +124,12 @@ def measure(store_name: str, base_uri: str, megabytes: int, repeats: int, work: 
     return {"store": store_name, "megabytes": nbytes / 1e6, **results}
 
 
-def run(sizes: list[int], repeats: int) -> str:
+def run(sizes: list[int], repeats: int, store_names: list[str]) -> str:
     rows = []
     servers: list[subprocess.Popen] = []
     with tempfile.TemporaryDirectory() as work:
         try:
-            stores = start_stores(work, servers)
+            stores = start_stores(store_names, os.path.join(work, "local"), servers, bucket="bench")
             for megabytes in sizes:
                 for store_name, base in stores.items():
                     result = measure(store_name, base, megabytes, repeats, work)
@@ -183,9 +137,7 @@ def run(sizes: list[int], repeats: int) -> str:
                     print(f"{store_name} {result['megabytes']:.0f} MB: ours {result['ours_write']:.2f}s, "
                           f"raw {result['raw_write']:.2f}s, keras {result['keras_save']:.2f}s", flush=True)
         finally:
-            for server in servers:
-                server.terminate()
-                server.wait()
+            stop_servers(servers)
     mb = lambda r, key: r["megabytes"] / r[key]  # noqa: E731
     lines = [
         "| store | state | commit MB/s | raw write MB/s | commit / raw | save_weights+upload MB/s | commit / save_weights "

@@ -30,7 +30,6 @@ SIGTERM would end it the same way).
 from __future__ import annotations
 
 import dataclasses
-import os
 import random
 import re
 import signal
@@ -42,6 +41,7 @@ from pathlib import Path
 
 from bench.procs import Training, child_env, cluster_trainer_command, keras_fit_command
 from bench.raw_io import raw_write
+from bench.stores import start_stores, stop_servers
 from cluster_trainer.checkpoint import CheckpointStore
 from cluster_trainer.checkpoint.format import serialize
 from cluster_trainer.job import CheckpointPolicy
@@ -62,6 +62,7 @@ class FlushTrial:
     store: str
     megabytes: float  # the committed checkpoint's size
     flush_logged: float  # the run's own "X.XXs after the notice"
+    stages: str  # the run's own breakdown of the flush
     signal_to_commit: float  # signal sent -> the run's "state committed" line arrived
     signal_to_exit: float
     raw_write: float  # fs.pipe of the same bytes
@@ -87,6 +88,7 @@ def flush_trial(store: str, base: str, megabytes: int, number: int, work: Path, 
     finally:
         run.stop()
     line = run.line("after the notice")
+    stages = (run.line("flush of ") or "").split("flush of ", 1)[-1].strip()
     if code != 75 or line is None:
         raise RuntimeError(f"the flush run exited {code}, not 75:\n{run.tail()}")
     match = re.search(r"committed as (\S+) at global step \d+, ([\d.]+)s after the notice", line)
@@ -100,7 +102,7 @@ def flush_trial(store: str, base: str, megabytes: int, number: int, work: Path, 
               shard_bytes=CheckpointPolicy().shard_mb * 2**20)
     serialized = time.perf_counter() - started
     storage.remove_tree("")
-    return FlushTrial(store=store, megabytes=sum(map(len, files.values())) / 1e6, flush_logged=logged,
+    return FlushTrial(store=store, megabytes=sum(map(len, files.values())) / 1e6, flush_logged=logged, stages=stages,
                       signal_to_commit=run.line_time("after the notice") - sent, signal_to_exit=run.exited - sent,
                       raw_write=raw, raw_write_fsync=raw_fsync, serialize=serialized)
 
@@ -114,7 +116,7 @@ def run_flush(stores: dict[str, str], sizes: list[int], repeats: int, work: Path
                 trials.append(trial)
                 print(f"flush {repeat + 1}/{repeats} {store} {trial.megabytes:.0f} MB: logged {trial.flush_logged:.2f}s, "
                       f"signal->commit {trial.signal_to_commit:.2f}s, signal->exit {trial.signal_to_exit:.2f}s, "
-                      f"raw {trial.raw_write:.2f}s", flush=True)
+                      f"raw {trial.raw_write:.2f}s\n  flush of {trial.stages}", flush=True)
     return trials
 
 
@@ -239,51 +241,13 @@ def rerun_table(results: list[RerunResult]) -> str:
 # -- entry --------------------------------------------------------------------------
 
 
-def start_s3(servers: list) -> str:
-    """moto's S3 server as a separate process on 127.0.0.1 (as bench.checkpoint_io does); returns its base URI."""
-    import sys
-
-    from bench.checkpoint_io import _free_port, _wait_for_port
-
-    port = _free_port()
-    servers.append(subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-    _wait_for_port(port, servers[-1])
-    os.environ.update({"AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bench",
-                       "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
-                       "AWS_EC2_METADATA_DISABLED": "true"})
-    import s3fs
-
-    # fsspec caches filesystems by their arguments, and the endpoint comes from the environment: drop any
-    # instance still pointing at an earlier server (bench.checkpoint_io's, in a full `python -m bench` run).
-    s3fs.S3FileSystem.clear_instance_cache()
-    s3fs.S3FileSystem(skip_instance_cache=True).mkdir("bench-preemption")
-    return "s3://bench-preemption"
-
-
-def make_stores(names: list[str], work: Path, servers: list) -> dict[str, str]:
-    """Base URIs of the stores named ("local", "s3"); the S3 server is started here."""
-    stores = {}
-    if "local" in names:
-        stores["local disk"] = str(work / "runs")
-    if "s3" in names:
-        stores["S3 (moto server)"] = start_s3(servers)
-    return stores
-
-
-def stop_servers(servers: list) -> None:
-    for server in servers:
-        server.terminate()
-        server.wait()
-
-
 def run(args, machine: str) -> tuple[str, dict]:
     """Both benchmarks; returns (the tables, raw results for the plots)."""
     servers: list[subprocess.Popen] = []
     with tempfile.TemporaryDirectory(prefix="bench-preemption-") as tmp:
         work = Path(tmp)
         try:
-            stores = make_stores(args.stores, work, servers)
+            stores = start_stores(args.stores, str(work / "runs"), servers, bucket="bench-preemption")
             flush = run_flush(stores, args.state_sizes, args.repeats, work, args.devices)
             reruns = run_reruns(args.rerun_steps, args.interruptions, args.seed, work, str(work / "runs"), args.methods)
         finally:

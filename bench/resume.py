@@ -225,13 +225,13 @@ def data_table(trials: list[DataTrial]) -> str:
 
 
 def run(args, machine: str) -> tuple[str, dict]:
-    from bench.preemption import make_stores, stop_servers
+    from bench.stores import start_stores, stop_servers
 
     servers = []
     with tempfile.TemporaryDirectory(prefix="bench-resume-") as tmp:
         work = Path(tmp)
         try:
-            stores = make_stores(args.stores, work, servers)
+            stores = start_stores(args.stores, str(work / "runs"), servers, bucket="bench-resume")
             restarts = run_restarts(stores, args.state_sizes, args.repeats, work, args.devices)
         finally:
             stop_servers(servers)

@@ -171,6 +171,7 @@ class _Run:
         self._last_logs = None  # the last train step's logs, as tensors
         self.saves = 0
         self.host_copy_seconds = 0.0
+        self.last_copy_seconds = 0.0
         self.writer = CheckpointWriter(store, max_in_flight=job.checkpoint.max_in_flight)
         self.writer.last_committed = resume.name if resume else None
         self.files = RunFiles(store.storage)
@@ -222,8 +223,12 @@ class _Run:
 
     # -- checkpoints ---------------------------------------------------------
 
-    def _commit(self, epoch_logs: dict | None = None, publish: bool = False, prune: bool = True) -> None:
-        """Copy the state to host memory and queue its commit; the upload runs in the background."""
+    def _commit(self, epoch_logs: dict | None = None, publish: bool = False, final_flush: bool = False) -> None:
+        """Copy the state to host memory and queue its commit; the upload runs in the background.
+
+        A `final_flush` (preemption: training stops here) takes the variables without a copy of
+        their own and leaves pruning old checkpoints to the next attempt.
+        """
         flush = getattr(self.callbacks, "_flush_futures", None)
         if flush is not None:  # async batch-end callbacks must have run before their state is read
             flush()
@@ -231,7 +236,7 @@ class _Run:
         self.position.stop_training = bool(self.model.stop_training)
         if self._last_logs is not None:
             self.position.train_logs = _pythonify(self._last_logs)
-        tensors, variables = capture_model_state(self.model)
+        tensors, variables = capture_model_state(self.model, copy=not final_flush)
         callbacks, callback_tensors = callback_state.capture(self.stateful_callbacks, self.callback_baseline)
         rng, rng_tensors = capture_rng_state()
         state = {
@@ -258,7 +263,8 @@ class _Run:
         if self.writer.last_error is not None:
             self.files.forget_uploads()
         extra_files = self.files.snapshot()
-        self.host_copy_seconds += time.perf_counter() - copy_started
+        self.last_copy_seconds = time.perf_counter() - copy_started
+        self.host_copy_seconds += self.last_copy_seconds
         self.saves += 1
         self.sequence += 1
         self.writer.save(
@@ -273,7 +279,7 @@ class _Run:
             run_id=self.run_id,
             position={k: getattr(self.position, k) for k in ("epoch", "batch", "global_step")},
             published=published,
-            prune=prune,
+            prune=not final_flush,
         )
 
     # -- the loop --------------------------------------------------------------
@@ -411,11 +417,17 @@ class _Run:
         """
         notice = self.preemption.notice
         p = self.position
+        step_wait = time.monotonic() - notice.received_at
         self.echo(f"preemption notice ({notice.source}): committing at epoch {p.epoch + 1}, batch {p.batch} "
                   f"(global step {p.global_step}); {notice.seconds_left():.1f}s to the deadline")
-        self._commit(epoch_logs, publish=True, prune=False)  # deleting old checkpoints can wait for the next attempt
+        self._commit(epoch_logs, publish=True, final_flush=True)
         self.writer.wait()
         took = time.monotonic() - notice.received_at
+        report = self.store.last_commit
+        if report is not None and report.name == self.writer.last_committed:
+            stages = ", ".join(f"{stage} {seconds:.3f}s" for stage, seconds in report.seconds.items())
+            self.echo(f"flush of {report.nbytes / 1e6:.1f} MB: finishing the step {step_wait:.3f}s, "
+                      f"host copy {self.last_copy_seconds:.3f}s, {stages}")
         left = notice.seconds_left()
         if left < 0:
             self.echo(f"warning: the flush took {took:.1f}s, {-left:.1f}s past the deadline; "

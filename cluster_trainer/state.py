@@ -88,8 +88,13 @@ def _describe(model) -> list[dict]:
     return entries
 
 
-def capture_model_state(model) -> tuple[dict[str, np.ndarray], list[dict]]:
-    """Copy every variable of `model` to host memory.
+def capture_model_state(model, copy: bool = True) -> tuple[dict[str, np.ndarray], list[dict]]:
+    """Every variable of `model` in host memory.
+
+    With `copy` (the default), each array is a copy of its own: the upload runs
+    in the background while training updates the variables. Without it (a
+    preemption flush: training has stopped), arrays may share the tensors'
+    memory, which spares a copy of the whole state on the way to storage.
 
     Returns `(tensors, index)`: arrays by key, and a JSON-able description of
     each variable (key, path, shape, dtype, replicas) for strict restore.
@@ -99,15 +104,15 @@ def capture_model_state(model) -> tuple[dict[str, np.ndarray], list[dict]]:
     for entry in _describe(model):
         variable = entry.pop("variable")
         parts = _replica_parts(variable)
-        # Each array must be a copy of its own: the upload runs in the background while training
-        # updates the variable. np.stack allocates one; convert_to_numpy usually does (np.array
-        # of the tensor), and an array that does not own its memory is copied here.
         if parts is not None:
-            tensors[entry["key"]] = np.stack([p.numpy() for p in parts])
+            tensors[entry["key"]] = np.stack([p.numpy() for p in parts])  # a new array
             entry["replicas"] = len(parts)
-        else:
+        elif copy:
+            # np.array of the tensor: usually a new array; one that does not own its memory is copied.
             array = keras.ops.convert_to_numpy(variable.value)
             tensors[entry["key"]] = array if array.flags.owndata else array.copy()
+        else:
+            tensors[entry["key"]] = np.asarray(variable.value)  # the tensor's own host memory where it has one
         index.append(entry)
     return tensors, index
 

@@ -1,4 +1,4 @@
-"""Smoke test: the preemption and resume benchmarks run end to end at their smallest size.
+"""Smoke test: the benchmarks run end to end at their smallest size.
 
 Not a measurement: each runs `python -m bench --only ...` with one repetition,
 the smallest model, local disk only and the fewest training processes, and
@@ -17,9 +17,9 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow  # each trains in several subprocesses (about 20-30 s apiece on 2 cores)
 
 
-def bench(*args: str, tmp_path: Path) -> str:
+def bench(*args: str, tmp_path: Path, stores: tuple[str, ...] = ("local",)) -> str:
     result = subprocess.run(
-        [sys.executable, "-m", "bench", *args, "--repeats", "1", "--stores", "local", "--plot-dir", str(tmp_path)],
+        [sys.executable, "-m", "bench", *args, "--repeats", "1", "--stores", *stores, "--plot-dir", str(tmp_path)],
         cwd=ROOT, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -43,3 +43,10 @@ def test_resume_benchmark_runs_at_smallest_size(tmp_path):
     assert "| numpy arrays (ArraySource) | 20 |" in out
     assert "| tf.data builder: TFRecord, shuffle, map (DatasetSource) | 20 |" in out
     assert {p.name for p in tmp_path.glob("*.png")} == {"bench_resume_restart.png", "bench_resume_data.png"}
+
+
+def test_io_benchmark_runs_on_every_store_at_smallest_size(tmp_path):
+    out = bench("--only", "io", "--sizes", "1", tmp_path=tmp_path, stores=("local", "s3", "gcs"))
+    for store in ("local disk", "S3 (moto server)", "GCS (emulator)"):
+        assert f"| {store} | 4 MB |" in out, out  # one Dense 1024x1024 layer, no optimizer
+    assert "Against a raw write plus fsync of each file, local commit / raw is" in out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any
@@ -29,6 +30,30 @@ PREFIX = "checkpoints"
 log = logging.getLogger(__name__)
 
 
+class _StageClock:
+    def __init__(self):
+        self.laps: dict[str, float] = {}
+        self._last = time.monotonic()
+
+    def lap(self, stage: str) -> None:
+        now = time.monotonic()
+        self.laps[stage] = now - self._last
+        self._last = now
+
+
+@dataclasses.dataclass
+class CommitReport:
+    """What one commit wrote and where its time went (seconds per stage, in order)."""
+
+    name: str
+    nbytes: int
+    seconds: dict[str, float]
+
+    def __str__(self) -> str:
+        stages = ", ".join(f"{stage} {seconds:.3f}s" for stage, seconds in self.seconds.items())
+        return f"{self.name} ({self.nbytes / 1e6:.1f} MB): {stages}"
+
+
 class CheckpointStore:
     """The checkpoints of the run at `storage`.
 
@@ -45,6 +70,7 @@ class CheckpointStore:
         self.retention = retention
         self.shard_bytes = shard_bytes
         self._manifests: dict[str, dict] = {}  # committed manifests already read (for retention by metric)
+        self.last_commit: CommitReport | None = None
 
     def _rel(self, name: str, file: str = "") -> str:
         return "/".join(p for p in (PREFIX, name, file) if p)
@@ -68,7 +94,7 @@ class CheckpointStore:
         `SupersededError`, without committing, if a later attempt of the run
         has registered.
         """
-        started = time.monotonic()
+        clock = _StageClock()
         name = checkpoint_name(sequence, step, attempt)
         encoded: list[EncodedFile] = []
 
@@ -79,19 +105,24 @@ class CheckpointStore:
             yield from (extra_files or {}).items()
 
         self.storage.put_stream(files())
+        clock.lap("shards")
         fencing.check_not_superseded(self.storage, attempt)
+        clock.lap("fencing")
         manifest = manifest_bytes(sequence=sequence, step=step, attempt=attempt, files=encoded, metrics=metrics,
                                   epoch_end=epoch_end, run_id=run_id, position=position)
         self.storage.put(self._rel(name, MANIFEST), manifest)
+        clock.lap("manifest")
         self._manifests[name] = {"metrics": metrics, "epoch_end": epoch_end}
-        for relative, data in (published or {}).items():
-            try:
-                self.storage.put(relative, data)
-            except Exception as e:  # the checkpoint is committed; the view catches up at the next commit
-                log.warning("%s not updated after committing %s: %s: %s", relative, name, type(e).__name__, e)
-        log.debug("committed %s (%d bytes) in %.3fs", name, sum(f.size for f in encoded), time.monotonic() - started)
+        try:
+            self.storage.put_many(published or {})
+        except Exception as e:  # the checkpoint is committed; the views catch up at the next commit
+            log.warning("%s not updated after committing %s: %s: %s", ", ".join(published), name, type(e).__name__, e)
+        clock.lap("published")
         if prune:
             self.prune(current_attempt=attempt)
+            clock.lap("prune")
+        self.last_commit = CommitReport(name, sum(f.size for f in encoded), clock.laps)
+        log.debug("committed %s", self.last_commit)
         return name
 
     # -- finding -----------------------------------------------------------------
