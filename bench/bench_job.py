@@ -10,6 +10,7 @@ benchmark (the benchmarks start it as a subprocess and signal that process):
     BENCH_BATCH        global batch size (default 32)
     BENCH_EPOCHS       epochs (default 3)
     BENCH_EVERY_STEPS  checkpoint every N steps (default 0: never mid-epoch)
+    BENCH_SHARD_MB     largest checkpoint shard in MiB (default: CheckpointPolicy's)
     BENCH_EVERY_EPOCH  1 to checkpoint at each epoch end (default 0)
     BENCH_PROGRESS     a file that gets "FIRST LAST T_FIRST" after every batch: the global step
                        before the first batch this process trained, the global step after its
@@ -119,5 +120,5 @@ job = ct.Job(
     seed=0,
     config={"model": _model},
     checkpoint=ct.CheckpointPolicy(every_steps=_every or None, every_epoch=bool(env_int("BENCH_EVERY_EPOCH", 0)),
-                                   keep_last=2),
+                                   keep_last=2, shard_mb=env_int("BENCH_SHARD_MB", ct.CheckpointPolicy.shard_mb)),
 )
