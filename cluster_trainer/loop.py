@@ -425,9 +425,8 @@ class _Run:
         took = time.monotonic() - notice.received_at
         report = self.store.last_commit
         if report is not None and report.name == self.writer.last_committed:
-            stages = ", ".join(f"{stage} {seconds:.3f}s" for stage, seconds in report.seconds.items())
             self.echo(f"flush of {report.nbytes / 1e6:.1f} MB: finishing the step {step_wait:.3f}s, "
-                      f"host copy {self.last_copy_seconds:.3f}s, {stages}")
+                      f"host copy {self.last_copy_seconds:.3f}s, {report.stages()}")
         left = notice.seconds_left()
         if left < 0:
             self.echo(f"warning: the flush took {took:.1f}s, {-left:.1f}s past the deadline; "

@@ -49,9 +49,11 @@ class CommitReport:
     nbytes: int
     seconds: dict[str, float]
 
+    def stages(self) -> str:
+        return ", ".join(f"{stage} {seconds:.3f}s" for stage, seconds in self.seconds.items())
+
     def __str__(self) -> str:
-        stages = ", ".join(f"{stage} {seconds:.3f}s" for stage, seconds in self.seconds.items())
-        return f"{self.name} ({self.nbytes / 1e6:.1f} MB): {stages}"
+        return f"{self.name} ({self.nbytes / 1e6:.1f} MB): {self.stages()}"
 
 
 class CheckpointStore:
