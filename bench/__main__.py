@@ -23,6 +23,18 @@ def replace_section(name: str, table: str) -> None:
     open(path, "w").write(f"{before}{start}\n{table}{end}{after}")
 
 
+def run_process_benchmark(name: str, run, args, machine: str) -> dict:
+    """Run a benchmark of training processes, print its tables with the load average around it, and
+    with --write record them; returns its raw results for the plots."""
+    before = os.getloadavg()[0]
+    text, results = run(args, machine)
+    text += f"\nLoad average (1 min) {before:.1f} before, {os.getloadavg()[0]:.1f} after.\n"
+    print(text)
+    if args.write:
+        replace_section(name, text)
+    return results
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -62,24 +74,14 @@ if __name__ == "__main__":
         if args.write:
             replace_section("checkpoint_io", table)
     if args.only in (None, "preemption"):
-        before = os.getloadavg()[0]
-        text, results = preemption.run(args, machine)
-        text += f"\nLoad average (1 min) {before:.1f} before, {os.getloadavg()[0]:.1f} after.\n"
-        print(text)
-        if args.write:
-            replace_section("preemption", text)
+        results = run_process_benchmark("preemption", preemption.run, args, machine)
         if args.write or args.plot_dir:
             from bench import plots
 
             plots.flush(results["flush"], args.plot_dir)
             plots.reruns(results["reruns"], args.plot_dir)
     if args.only in (None, "resume"):
-        before = os.getloadavg()[0]
-        text, results = resume.run(args, machine)
-        text += f"\nLoad average (1 min) {before:.1f} before, {os.getloadavg()[0]:.1f} after.\n"
-        print(text)
-        if args.write:
-            replace_section("resume", text)
+        results = run_process_benchmark("resume", resume.run, args, machine)
         if args.write or args.plot_dir:
             from bench import plots
 
