@@ -12,6 +12,7 @@ import os
 import platform
 
 from bench import checkpoint_io, loop_overhead, preemption, resume
+from cluster_trainer.job import CheckpointPolicy
 
 
 def replace_section(name: str, table: str) -> None:
@@ -58,6 +59,9 @@ if __name__ == "__main__":
                              "the GCS emulator (default all three)")
     parser.add_argument("--devices", type=int, default=2,
                         help="preemption flush, resume restart: replicas of the training processes (default 2)")
+    parser.add_argument("--shard-mb", type=int, default=CheckpointPolicy.shard_mb,
+                        help=f"preemption flush: the run's checkpoint shard size in MiB (default {CheckpointPolicy.shard_mb}, "
+                             "the CheckpointPolicy default)")
     parser.add_argument("--write", action="store_true",
                         help="write the tables into docs/BENCHMARKS.md (and the plots into docs/*.png)")
     parser.add_argument("--plot-dir", metavar="DIR", help="write the plots into DIR (with --write, default docs/)")

@@ -44,7 +44,6 @@ from bench.raw_io import raw_write
 from bench.stores import start_stores, stop_servers
 from cluster_trainer.checkpoint import CheckpointStore
 from cluster_trainer.checkpoint.format import serialize
-from cluster_trainer.job import CheckpointPolicy
 from cluster_trainer.storage import Storage
 
 FLUSH_BATCH = 16
@@ -75,11 +74,12 @@ def _checkpoint_files(storage: Storage, name: str) -> dict[str, bytes]:
     return {path.rsplit("/", 1)[1]: storage.get(path) for path in paths}
 
 
-def flush_trial(store: str, base: str, megabytes: int, number: int, work: Path, devices: int) -> FlushTrial:
+def flush_trial(store: str, base: str, megabytes: int, number: int, work: Path, devices: int,
+                shard_mb: int) -> FlushTrial:
     uri = f"{base}/flush-{megabytes}mb-{number}"
     samples = FLUSH_BATCH * 200
     env = child_env(BENCH_MODEL=f"dense:{megabytes}", BENCH_SAMPLES=samples, BENCH_BATCH=FLUSH_BATCH,
-                    BENCH_EPOCHS=1000)
+                    BENCH_EPOCHS=1000, BENCH_SHARD_MB=shard_mb)
     run = Training(cluster_trainer_command(uri, devices), env, work, f"flush-{store[:5]}-{megabytes}-{number}")
     try:
         run.wait_for_step(FLUSH_WARM_STEPS)
@@ -99,7 +99,7 @@ def flush_trial(store: str, base: str, megabytes: int, number: int, work: Path, 
     checkpoint = CheckpointStore(storage).read(name)
     started = time.perf_counter()
     serialize(sequence=1, step=0, attempt=1, tensors=checkpoint.tensors, state=checkpoint.state,
-              shard_bytes=CheckpointPolicy().shard_mb * 2**20)
+              shard_bytes=shard_mb * 2**20)
     serialized = time.perf_counter() - started
     storage.remove_tree("")
     return FlushTrial(store=store, megabytes=sum(map(len, files.values())) / 1e6, flush_logged=logged, stages=stages,
@@ -107,12 +107,13 @@ def flush_trial(store: str, base: str, megabytes: int, number: int, work: Path, 
                       raw_write=raw, raw_write_fsync=raw_fsync, serialize=serialized)
 
 
-def run_flush(stores: dict[str, str], sizes: list[int], repeats: int, work: Path, devices: int) -> list[FlushTrial]:
+def run_flush(stores: dict[str, str], sizes: list[int], repeats: int, work: Path, devices: int,
+              shard_mb: int) -> list[FlushTrial]:
     trials = []
     for repeat in range(repeats):
         for megabytes in sizes:
             for store, base in stores.items():
-                trial = flush_trial(store, base, megabytes, repeat, work, devices)
+                trial = flush_trial(store, base, megabytes, repeat, work, devices, shard_mb)
                 trials.append(trial)
                 print(f"flush {repeat + 1}/{repeats} {store} {trial.megabytes:.0f} MB: logged {trial.flush_logged:.2f}s, "
                       f"signal->commit {trial.signal_to_commit:.2f}s, signal->exit {trial.signal_to_exit:.2f}s, "
@@ -248,7 +249,7 @@ def run(args, machine: str) -> tuple[str, dict]:
         work = Path(tmp)
         try:
             stores = start_stores(args.stores, str(work / "runs"), servers, bucket="bench-preemption")
-            flush = run_flush(stores, args.state_sizes, args.repeats, work, args.devices)
+            flush = run_flush(stores, args.state_sizes, args.repeats, work, args.devices, args.shard_mb)
             reruns = run_reruns(args.rerun_steps, args.interruptions, args.seed, work, str(work / "runs"), args.methods)
         finally:
             stop_servers(servers)

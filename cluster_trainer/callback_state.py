@@ -9,7 +9,7 @@ kept, per stock callback:
 | EarlyStopping     | wait, stopped_epoch, best, best_weights, best_epoch           |
 | ReduceLROnPlateau | wait, cooldown_counter, best (the LR itself is optimizer state)|
 | ModelCheckpoint   | best, _batches_seen_since_last_saving, _last_batch_seen, _current_epoch |
-| TensorBoard       | _global_train_batch, _global_test_batch, _previous_epoch_iterations (writers flushed at every capture) |
+| TensorBoard       | _global_train_batch, _global_test_batch, _previous_epoch_iterations, and the event files' lengths (writers flushed at every capture; on resume the files are cut back to them) |
 | CSVLogger         | keys, and the file's length: on resume the file is cut back to it and appended to |
 | History           | epoch, history                                                |
 
@@ -46,6 +46,7 @@ import json
 import logging
 import os
 import random
+import socket
 import time
 from typing import Any, Sequence
 
@@ -56,6 +57,7 @@ import tensorflow as tf
 from cluster_trainer.errors import JobError, StateMismatchError
 
 log = logging.getLogger(__name__)
+_PROCESS_STARTED = time.time()  # before any TensorBoard writer of this process exists
 
 STOCK_ATTRIBUTES: dict[type, tuple[str, ...]] = {
     keras.callbacks.EarlyStopping: ("wait", "stopped_epoch", "best", "best_weights", "best_epoch"),
@@ -173,6 +175,7 @@ def _before_capture(callback) -> dict[str, Any]:
     if isinstance(callback, keras.callbacks.TensorBoard):
         for writer in getattr(callback, "_writers", {}).values():
             writer.flush()
+        return {"event_bytes": _event_file_sizes(callback.log_dir)}
     if isinstance(callback, keras.callbacks.CSVLogger):
         csv_file = getattr(callback, "csv_file", None)
         if csv_file is not None and not csv_file.closed:
@@ -259,6 +262,10 @@ def prepare_resume(callbacks: Sequence[Any], state: dict[str, Any]) -> None:
             # Rows written after the checkpoint would be written again: cut them, then append.
             _truncate(callback.filename, extra.get("csv_bytes", 0))
             callback.append = True
+        if isinstance(callback, keras.callbacks.TensorBoard) and "event_bytes" in extra:
+            # Events written after the checkpoint would be written again, by a new event file: TensorBoard
+            # would show both. Event files are append-only records, so the committed length is a whole file.
+            _cut_back_event_files(callback.log_dir, extra["event_bytes"])
 
 
 def check_matches(callbacks: Sequence[Any], state: dict[str, Any]) -> None:
@@ -297,6 +304,48 @@ def restore(callbacks: Sequence[Any], state: dict[str, Any], tensors: dict[str, 
             # on_epoch_begin sets these for steps-per-second summaries (the time of the interruption is lost).
             callback._epoch_start_time = time.time()
             callback._batch_start_time = time.time()
+
+
+def _event_file_sizes(log_dir: str) -> dict[str, int]:
+    """Sizes of the TensorBoard event files below `log_dir`, by path relative to it."""
+    sizes = {}
+    if not tf.io.gfile.isdir(log_dir):
+        return sizes
+    for directory, _, names in tf.io.gfile.walk(log_dir):
+        for name in names:
+            if ".tfevents." in name:
+                path = os.path.join(directory, name)
+                sizes[os.path.relpath(path, log_dir)] = tf.io.gfile.stat(path).length
+    return sizes
+
+
+def _opened_by_this_process(name: str) -> bool:
+    """Whether an event file was created by this process (TensorBoard's `set_model` opens one before a resume).
+
+    Event file names are `events.out.tfevents.<seconds>.<host>.<pid>.<n>...`; a file with our host and pid
+    but older than this process is a previous process's that had the same pid (a restarted container).
+    """
+    if f".{socket.gethostname()}.{os.getpid()}." not in name:
+        return False
+    try:
+        return int(name.split(".tfevents.", 1)[1].split(".", 1)[0]) >= int(_PROCESS_STARTED)
+    except (IndexError, ValueError):
+        return False
+
+
+def _cut_back_event_files(log_dir: str, committed: dict[str, int]) -> None:
+    """Cut every earlier process's event file below `log_dir` back to its length at the checkpoint.
+
+    A file written entirely after the checkpoint is cut to nothing; nothing is deleted.
+    """
+    cut = 0
+    for relative, size in _event_file_sizes(log_dir).items():
+        keep = committed.get(relative, 0)
+        if size > keep and not _opened_by_this_process(os.path.basename(relative)):
+            _truncate(os.path.join(log_dir, relative), keep)
+            cut += size - keep
+    if cut:
+        log.info("TensorBoard: cut %d bytes of events written after the checkpoint under %s", cut, log_dir)
 
 
 def _file_size(path: str) -> int:

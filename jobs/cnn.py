@@ -12,7 +12,7 @@ noise. The job uses:
   step and row after a resume.
 
     cluster-trainer run jobs/cnn.py --storage runs/cnn
-    tensorboard --logdir runs/cnn/tensorboard
+    tensorboard --logdir runs/cnn/files/tensorboard
 """
 
 import keras
@@ -73,7 +73,8 @@ def build_model(config):
 def callbacks(config, run):
     return [
         BatchLearningRate(initial=config["lr"], decay=config["lr_decay"]),
-        keras.callbacks.TensorBoard(run.path("tensorboard"), write_steps_per_second=True),
+        # Batch-level scalars every 4 steps too: they must continue at the right steps after a resume.
+        keras.callbacks.TensorBoard(run.path("tensorboard"), write_steps_per_second=True, update_freq=4),
         keras.callbacks.CSVLogger(run.path("history.csv")),
     ]
 

@@ -64,3 +64,23 @@ def test_cnn_resume_mid_epoch_continues_dropout_counter_tensorboard_and_csv(cnn_
     expected = scalar_events(cnn_reference / "files" / "tensorboard")
     assert {step for (_, tag, step, _) in expected if tag == "epoch_loss"} == set(range(6))
     assert scalar_events(storage / "files" / "tensorboard") == expected
+
+
+@pytest.mark.slow
+def test_tensorboard_events_written_after_the_last_commit_are_cut_back(cnn_reference, tmp_path):
+    """Killed 7 steps past its last commit, with those steps' batch summaries already on disk: the resumed
+    run shows every summary exactly once, as the uninterrupted run does."""
+    storage = tmp_path / "run"
+    run_and_kill_at(storage, "train_batch_begin:47", tmp_path, CT_TEST_EVERY_STEPS="10",
+                    expect={"epoch": 2, "batch": 8}, **CNN)
+    log_dir = storage / "files" / "tensorboard"
+    written = {step for (_, tag, step, _) in scalar_events(log_dir) if tag.startswith("batch_")}
+    assert max(written) > 40, f"no summary after the commit at step 40 reached the disk ({sorted(written)[-3:]})"
+
+    resumed = cli(*train_cmd(storage), CT_TEST_EVERY_STEPS="10", **CNN)
+    assert resumed.returncode == 0, resumed.stderr
+
+    expected = scalar_events(cnn_reference / "files" / "tensorboard")
+    assert {step for (_, tag, step, _) in expected if tag == "batch_loss"} == set(range(4, 97, 4))
+    assert scalar_events(log_dir) == expected
+    assert "TensorBoard: cut" in resumed.stderr

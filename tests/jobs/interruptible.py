@@ -30,8 +30,9 @@ base = ct.load_job(os.path.join(HERE, "..", "..", "jobs", f"{os.environ.get('CT_
 
 
 class PauseForKill(keras.callbacks.Callback):
-    def __init__(self):
+    def __init__(self, others=()):
         super().__init__()
+        self._others = list(others)
         hook, _, step = os.environ.get("CT_TEST_PAUSE_AT", ":").partition(":")
         self._hook, self._step = hook, int(step) if step else None
         self._marker = os.environ.get("CT_TEST_PAUSE_MARKER")
@@ -54,6 +55,11 @@ class PauseForKill(keras.callbacks.Callback):
             for _ in range(self._notices):
                 os.kill(os.getpid(), signal.SIGTERM)
         if hook == self._hook and step == self._step:
+            # What TensorBoard buffered since the last commit reaches the disk before the kill, as
+            # its writers' own flush (every 10 events or 120 s) would have done in a longer run.
+            for callback in self._others:
+                for writer in getattr(callback, "_writers", {}).values():
+                    writer.flush()
             with open(self._marker, "w") as f:
                 f.write(f"{hook}:{self._step}\n")
             time.sleep(600)  # the test kills us here
@@ -73,7 +79,8 @@ class PauseForKill(keras.callbacks.Callback):
 
 
 def callbacks(config, run):
-    return list(base.callbacks(config, run)) + [PauseForKill()]
+    others = list(base.callbacks(config, run))
+    return others + [PauseForKill(others)]
 
 
 every = os.environ.get("CT_TEST_EVERY_STEPS")
