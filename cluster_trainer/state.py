@@ -112,7 +112,10 @@ def capture_model_state(model, copy: bool = True) -> tuple[dict[str, np.ndarray]
             array = keras.ops.convert_to_numpy(variable.value)
             tensors[entry["key"]] = array if array.flags.owndata else array.copy()
         else:
-            tensors[entry["key"]] = np.asarray(variable.value)  # the tensor's own host memory where it has one
+            # The primary replica's buffer itself where it is in host memory (np.asarray of the
+            # Keras value, or of .numpy(), would copy it first); a device-to-host copy otherwise.
+            backing = _backing(variable)
+            tensors[entry["key"]] = np.asarray(getattr(backing, "primary", backing).read_value())
         index.append(entry)
     return tensors, index
 
