@@ -14,6 +14,7 @@ DOCS = os.path.join(os.path.dirname(__file__), "..", "docs")
 
 
 def _save(figure, name: str, directory: str | None) -> str:
+    os.makedirs(directory or DOCS, exist_ok=True)
     path = os.path.join(directory or DOCS, name)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
