@@ -57,7 +57,6 @@ import tensorflow as tf
 from cluster_trainer.errors import JobError, StateMismatchError
 
 log = logging.getLogger(__name__)
-_PROCESS_STARTED = time.time()  # before any TensorBoard writer of this process exists
 
 STOCK_ATTRIBUTES: dict[type, tuple[str, ...]] = {
     keras.callbacks.EarlyStopping: ("wait", "stopped_epoch", "best", "best_weights", "best_epoch"),
@@ -254,8 +253,12 @@ def _warn_once(callback, key: str, name: str, kind: str) -> None:
                     "define get_state()/set_state() on the callback if it must survive a restart", key, name, kind)
 
 
-def prepare_resume(callbacks: Sequence[Any], state: dict[str, Any]) -> None:
-    """Before `on_train_begin` of a resumed run: undo side effects past the checkpoint."""
+def prepare_resume(callbacks: Sequence[Any], state: dict[str, Any], built_at: float) -> None:
+    """Before `on_train_begin` of a resumed run: undo side effects past the checkpoint.
+
+    `built_at`: when this attempt started building its callbacks (`time.time()`); event files
+    this process opened since then are its own.
+    """
     for index, callback in enumerate(callbacks):
         extra = state.get(_key(index, callback), {}).get("__extra__", {})
         if isinstance(callback, keras.callbacks.CSVLogger):
@@ -265,7 +268,7 @@ def prepare_resume(callbacks: Sequence[Any], state: dict[str, Any]) -> None:
         if isinstance(callback, keras.callbacks.TensorBoard) and "event_bytes" in extra:
             # Events written after the checkpoint would be written again, by a new event file: TensorBoard
             # would show both. Event files are append-only records, so the committed length is a whole file.
-            _cut_back_event_files(callback.log_dir, extra["event_bytes"])
+            _cut_back_event_files(callback.log_dir, extra["event_bytes"], built_at)
 
 
 def check_matches(callbacks: Sequence[Any], state: dict[str, Any]) -> None:
@@ -319,29 +322,30 @@ def _event_file_sizes(log_dir: str) -> dict[str, int]:
     return sizes
 
 
-def _opened_by_this_process(name: str) -> bool:
-    """Whether an event file was created by this process (TensorBoard's `set_model` opens one before a resume).
+def _opened_by_this_attempt(name: str, built_at: float) -> bool:
+    """Whether an event file is this attempt's own (TensorBoard's `set_model` opens one before a resume).
 
-    Event file names are `events.out.tfevents.<seconds>.<host>.<pid>.<n>...`; a file with our host and pid
-    but older than this process is a previous process's that had the same pid (a restarted container).
+    Event file names are `events.out.tfevents.<seconds>.<host>.<pid>.<n>...`; a file with our host and
+    pid that is older than this attempt is an earlier attempt's (a restarted container with the same pid,
+    or an earlier `train()` call in this process).
     """
     if f".{socket.gethostname()}.{os.getpid()}." not in name:
         return False
     try:
-        return int(name.split(".tfevents.", 1)[1].split(".", 1)[0]) >= int(_PROCESS_STARTED)
+        return int(name.split(".tfevents.", 1)[1].split(".", 1)[0]) >= int(built_at)
     except (IndexError, ValueError):
         return False
 
 
-def _cut_back_event_files(log_dir: str, committed: dict[str, int]) -> None:
-    """Cut every earlier process's event file below `log_dir` back to its length at the checkpoint.
+def _cut_back_event_files(log_dir: str, committed: dict[str, int], built_at: float) -> None:
+    """Cut every earlier attempt's event file below `log_dir` back to its length at the checkpoint.
 
     A file written entirely after the checkpoint is cut to nothing; nothing is deleted.
     """
     cut = 0
     for relative, size in _event_file_sizes(log_dir).items():
         keep = committed.get(relative, 0)
-        if size > keep and not _opened_by_this_process(os.path.basename(relative)):
+        if size > keep and not _opened_by_this_attempt(os.path.basename(relative), built_at):
             _truncate(os.path.join(log_dir, relative), keep)
             cut += size - keep
     if cut:

@@ -197,6 +197,7 @@ class _Run:
         if self.resume is not None:
             self.files.restore()
         self.run_context = RunContext(uri=self.uri, files_dir=self.files.local_dir)
+        self.callbacks_built_at = time.time()  # event files this process opens from now on are this attempt's
         user_callbacks = job.make_callbacks(self.run_context)
         self.callbacks = keras.callbacks.CallbackList(
             user_callbacks,
@@ -304,7 +305,7 @@ class _Run:
         self.sequence = self.store.highest_sequence()  # past anything written, committed or not
         self.recorder = HistoryRecorder(self.attempt, every_steps=self.job.history_every_steps)
         if self.resume is not None:
-            callback_state.prepare_resume(self.stateful_callbacks, self.resume.state["callbacks"])
+            callback_state.prepare_resume(self.stateful_callbacks, self.resume.state["callbacks"], self.callbacks_built_at)
         self.model.stop_training = False
         self.callbacks.on_train_begin()
         if self.resume is not None:
