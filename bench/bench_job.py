@@ -17,6 +17,10 @@ benchmark (the benchmarks start it as a subprocess and signal that process):
                        latest batch, and the wall time (time.time()) at which the first batch ended
     BENCH_SIGNAL_AT    "SIGTERM:S" or "SIGKILL:S": the process signals itself right after global
                        step S, so every method of a comparison is interrupted at exactly that step
+    BENCH_RAW_WRITE    "S:URI": right after global step S, encode the model's state as a checkpoint
+                       would and time a raw `fs.pipe` of those files to URI from this process (the
+                       training process, with its threads and memory), printing
+                       "bench: raw write in the training process: SECONDS s, BYTES bytes"; then delete them
 
 The data is generated from fixed seeds (the same arrays as `bench.keras_fit`).
 """
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 
 import keras
@@ -76,6 +81,8 @@ class Progress(keras.callbacks.Callback):
         self._signal_step = int(step) if step else None
         self._first = None
         self._first_time = None
+        step, _, self._raw_uri = os.environ.get("BENCH_RAW_WRITE", ":").partition(":")
+        self._raw_step = int(step) if step else None
 
     # Where this process reports is not run state: keep it out of the checkpoint.
     def get_state(self):
@@ -98,6 +105,21 @@ class Progress(keras.callbacks.Callback):
             os.replace(temporary, self._path)
         if self._signal is not None and step == self._signal_step:
             os.kill(os.getpid(), self._signal)
+        if step == self._raw_step:
+            self._raw_write()
+
+    def _raw_write(self) -> None:
+        from bench.raw_io import raw_write
+        from cluster_trainer.checkpoint.format import serialize
+        from cluster_trainer.state import capture_model_state
+        from cluster_trainer.storage import Storage
+
+        tensors, _ = capture_model_state(self.model)
+        files, _ = serialize(sequence=1, step=0, attempt=1, tensors=tensors, state={},
+                             shard_bytes=env_int("BENCH_SHARD_MB", ct.CheckpointPolicy.shard_mb) * 2**20)
+        seconds, _ = raw_write(Storage(self._raw_uri), files, "raw-in-process")
+        print(f"bench: raw write in the training process: {seconds:.4f} s, {sum(map(len, files.values()))} bytes",
+              file=sys.stderr, flush=True)
 
 
 _every = env_int("BENCH_EVERY_STEPS", 0)

@@ -157,9 +157,12 @@ def run(sizes: list[int], repeats: int, store_names: list[str]) -> str:
         "Pruning the previous checkpoint after each commit (not in the commit times: the background writer does it "
         "after the commit, a preemption flush skips it): median "
         + ", ".join(f"{r['prune'] * 1000:.0f} ms ({r['store']}, {r['megabytes']:.0f} MB)" for r in rows) + ".",
-        "",
-        "A commit fsyncs every file; `fs.pipe` to local disk leaves the bytes in the page cache. Against a raw write "
-        "plus fsync of each file, local commit / raw is "
-        + ", ".join(f"{r['raw_write_fsync'] / r['ours_write']:.2f} ({r['megabytes']:.0f} MB)" for r in local) + ".",
     ]
+    if local:
+        lines += [
+            "",
+            "A commit fsyncs every file; `fs.pipe` to local disk leaves the bytes in the page cache. Against a raw "
+            "write plus fsync of each file, local commit / raw is "
+            + ", ".join(f"{r['raw_write_fsync'] / r['ours_write']:.2f} ({r['megabytes']:.0f} MB)" for r in local) + ".",
+        ]
     return "\n".join(lines) + "\n"
