@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         if e.exit_code == EXIT_PREEMPTED:
             # The traceback holds the training loop's frames, and with them the tf.data iterators, whose
             # destructors wait for their prefetch threads (1-3 s): kept alive until entry_point's os._exit.
-            _PREEMPTED.append(e)
+            _PREEMPTED[:] = [e]  # the latest only: main may run again in this process
         return e.exit_code
     except KeyboardInterrupt:  # a second Ctrl-C during the flush
         print("cluster-trainer: interrupted before the state was committed", file=sys.stderr)
