@@ -189,6 +189,7 @@ class _Run:
         self.train_source = as_source(job.train_data, shuffle=True, what="train_data")
         self.val_source = as_source(job.validation_data, shuffle=False, what="validation_data")
         self.steps_per_epoch = self.train_source.num_batches(job.batch_size)
+        self.validation_steps = self.val_source.num_batches(job.batch_size) if self.val_source is not None else None
         self.model = build_compiled_model(job, self.strategy, self.train_source)
         with self.strategy.scope():
             self.model.make_train_function()
@@ -368,14 +369,11 @@ class _Run:
         dataset = self.train_source.epoch_dataset(epoch, job.seed, job.batch_size, start_batch=start)
         iterator = iter(self.strategy.experimental_distribute_dataset(dataset))
         batch = start
-        while True:
-            try:
-                data = next(iterator)
-            except (StopIteration, tf.errors.OutOfRangeError):
-                break
+        while self.steps_per_epoch is None or batch < self.steps_per_epoch:
             self.callbacks.on_train_batch_begin(batch)
-            # A list of one batch makes Keras run its compiled one-step function on it.
-            logs = self.model.train_function([data])
+            logs = _run_step(self.model.train_function, iterator)
+            if logs is None:
+                break  # an epoch of unknown length ended (fit, too, begins this batch before it finds out)
             self.callbacks.on_train_batch_end(batch, logs)
             batch += 1
             self._last_logs = logs
@@ -398,10 +396,14 @@ class _Run:
         logs = {}
         self.model.reset_metrics()
         dataset = self.val_source.epoch_dataset(0, job.seed, job.batch_size)
+        iterator = iter(self.strategy.experimental_distribute_dataset(dataset))
         batch = 0
-        for data in self.strategy.experimental_distribute_dataset(dataset):
+        while self.validation_steps is None or batch < self.validation_steps:
             self.callbacks.on_test_batch_begin(batch)
-            logs = self.model.test_function([data])
+            step_logs = _run_step(self.model.test_function, iterator)
+            if step_logs is None:
+                break
+            logs = step_logs
             self.callbacks.on_test_batch_end(batch, logs)
             batch += 1
             if self.model.stop_evaluating:
@@ -465,6 +467,18 @@ class _Run:
             checkpoint_stats={"saves": self.saves, "host_copy_seconds": self.host_copy_seconds,
                               "stall_seconds": self.writer.stall_seconds},
         )
+
+
+def _run_step(function: Callable, iterator) -> dict | None:
+    """One compiled step on the iterator's next batch; None when the iterator is exhausted.
+
+    Given the iterator itself, Keras's function pulls the batch inside its graph, as `fit`
+    does; fetching the distributed batch eagerly and passing it in costs more Python per step.
+    """
+    try:
+        return function(iterator)
+    except (StopIteration, tf.errors.OutOfRangeError):
+        return None
 
 
 def _pythonify(logs: Any) -> dict | None:
