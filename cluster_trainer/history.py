@@ -28,6 +28,7 @@ import io
 import math
 import socket
 import time
+from typing import Callable
 
 import pandas as pd
 
@@ -102,8 +103,14 @@ class HistoryRecorder:
 
     def tables(self) -> dict[str, bytes]:
         """The rows as Parquet files keyed by their path under the run (empty tables are not written)."""
+        return self.deferred_tables()()
+
+    def deferred_tables(self) -> Callable[[], dict[str, bytes]]:
+        """`tables` of the rows as they are now, encoded when called: the checkpoint writer
+        encodes them on its thread, so the training thread only copies two lists."""
         self.changed = False
-        return {path: _parquet(rows) for path, rows in ((EPOCHS_FILE, self.epochs), (STEPS_FILE, self.steps)) if rows}
+        snapshot = ((EPOCHS_FILE, list(self.epochs)), (STEPS_FILE, list(self.steps)))
+        return lambda: {path: _parquet(rows) for path, rows in snapshot if rows}
 
 
 def _numbers(logs: dict) -> dict:

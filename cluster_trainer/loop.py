@@ -261,7 +261,7 @@ class _Run:
             "host": socket.gethostname(),
             "history": self.recorder.state(),
         }
-        published = self.recorder.tables() if publish or self.recorder.changed else None
+        published = self.recorder.deferred_tables() if publish or self.recorder.changed else None
         if self.writer.last_error is not None:
             self.files.forget_uploads()
         extra_files = self.files.snapshot()

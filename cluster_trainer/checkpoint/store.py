@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -82,15 +82,17 @@ class CheckpointStore:
     def commit(
         self, *, sequence: int, step: int, attempt: int, tensors: dict[str, np.ndarray], state: dict[str, Any],
         metrics: dict[str, float] | None = None, epoch_end: int | None = None, extra_files: dict[str, bytes] | None = None,
-        run_id: str | None = None, position: dict[str, int] | None = None, published: dict[str, bytes] | None = None,
-        prune: bool = True,
+        run_id: str | None = None, position: dict[str, int] | None = None,
+        published: dict[str, bytes] | Callable[[], dict[str, bytes]] | None = None, prune: bool = True,
     ) -> str:
         """Write a checkpoint, shards in parallel, and commit it by writing its manifest last.
 
         Each shard's upload starts as soon as it is encoded. `extra_files`
         (paths relative to the run) are written before the manifest too.
         `published` files (views of the committed state, such as the Parquet
-        history) are written after it, overwriting: a failure there is logged
+        history; or a function returning them, called here, so that the
+        writer's thread encodes them) are written after it, overwriting: a
+        failure there is logged
         and does not undo the commit. Then retention prunes, unless `prune` is
         False (a preemption flush leaves that to the next attempt). Raises
         `SupersededError`, without committing, if a later attempt of the run
@@ -116,9 +118,9 @@ class CheckpointStore:
         clock.lap("manifest")
         self._manifests[name] = {"metrics": metrics, "epoch_end": epoch_end}
         try:
-            self.storage.put_many(published or {})
+            self.storage.put_many((published() if callable(published) else published) or {})
         except Exception as e:  # the checkpoint is committed; the views catch up at the next commit
-            log.warning("%s not updated after committing %s: %s: %s", ", ".join(published), name, type(e).__name__, e)
+            log.warning("published files not updated after committing %s: %s: %s", name, type(e).__name__, e)
         clock.lap("published")
         if prune:
             self.prune(current_attempt=attempt)
