@@ -40,8 +40,8 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=["loop", "io", "preemption", "resume"], help="run one benchmark")
-    parser.add_argument("--epochs", type=int, default=6, help="loop: timed epochs per repetition (default 6)")
-    parser.add_argument("--repeats", type=int, default=3, help="interleaved repetitions (default 3)")
+    parser.add_argument("--epochs", type=int, default=3, help="loop: timed epochs per repetition (default 3)")
+    parser.add_argument("--repeats", type=int, help="interleaved repetitions (default 8 for loop, 3 for the others)")
     parser.add_argument("--width", type=int, default=256, help="loop: hidden units of the MLP")
     parser.add_argument("--sizes", type=int, nargs="+", default=[10, 100], help="io: state sizes in MB (default 10 100)")
     parser.add_argument("--state-sizes", type=int, nargs="+", default=[10, 100],
@@ -66,9 +66,11 @@ if __name__ == "__main__":
                         help="write the tables into docs/BENCHMARKS.md (and the plots into docs/*.png)")
     parser.add_argument("--plot-dir", metavar="DIR", help="write the plots into DIR (with --write, default docs/)")
     args = parser.parse_args()
+    loop_repeats = args.repeats or 8
+    args.repeats = args.repeats or 3
     machine = f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}."
     if args.only in (None, "loop"):
-        table = loop_overhead.run(args)
+        table = loop_overhead.run(args, loop_repeats)
         print(table)
         if args.write:
             replace_section("loop_overhead", table)

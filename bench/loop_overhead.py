@@ -97,38 +97,50 @@ def run_loop(width: int, epochs: int, policy: ct.CheckpointPolicy) -> list[float
     return timer.times[1:]
 
 
-def run(args) -> str:
+NO_SAVES = "cluster-trainer loop, no saves"
+BASELINE = "model.fit, same tf.data pipeline (baseline)"
+
+
+def run(args, repeats: int) -> str:
     steps = -(-SAMPLES // BATCH)
     variants = {
-        "model.fit, same tf.data pipeline (baseline)": lambda: run_fit(args.width, args.epochs + 1, True),
+        BASELINE: lambda: run_fit(args.width, args.epochs + 1, True),
         "model.fit(x, y) on numpy arrays": lambda: run_fit(args.width, args.epochs + 1, False),
-        "cluster-trainer loop, no saves": lambda: run_loop(
+        NO_SAVES: lambda: run_loop(
             args.width, args.epochs + 1, ct.CheckpointPolicy(every_steps=None, every_epoch=False)),
         f"cluster-trainer loop, save every {SAVE_EVERY} steps (background writer)": lambda: run_loop(
             args.width, args.epochs + 1, ct.CheckpointPolicy(every_steps=SAVE_EVERY, every_epoch=False, keep_last=2)),
         "cluster-trainer loop, save every 128 steps (background writer)": lambda: run_loop(
             args.width, args.epochs + 1, ct.CheckpointPolicy(every_steps=128, every_epoch=False, keep_last=2)),
     }
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for repeat in range(args.repeats):
+    # Steps/s of each repetition (median of its timed epochs). The ratios are taken within a
+    # repetition, between variants run one after the other, so that a slow minute of a shared
+    # machine slows both sides of a ratio; the table reports their median and range.
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    for repeat in range(repeats):
         for name, variant in variants.items():
-            times[name] += variant()
-            print(f"repeat {repeat + 1}/{args.repeats}: {name}: median epoch {statistics.median(times[name]):.3f}s",
-                  flush=True)
-    baseline = steps / statistics.median(times["model.fit, same tf.data pipeline (baseline)"])
+            rates[name].append(steps / statistics.median(variant()))
+            print(f"repeat {repeat + 1}/{repeats}: {name}: {rates[name][-1]:.1f} steps/s", flush=True)
+
+    def ratio(name: str, to: str) -> str:
+        paired = sorted(a / b for a, b in zip(rates[name], rates[to]))
+        return f"{statistics.median(paired):.3f} ({paired[0]:.2f}–{paired[-1]:.2f})"
+
     params = FEATURES * args.width + args.width + args.width * args.width + args.width + args.width * CLASSES + CLASSES
     rows = [
-        "| variant | steps/s | ratio to fit |",
-        "|---|---:|---:|",
+        "| variant | steps/s | ratio to fit | ratio to no saves |",
+        "|---|---:|---:|---:|",
     ]
-    for name, epoch_times in times.items():
-        rate = steps / statistics.median(epoch_times)
-        rows.append(f"| {name} | {rate:.1f} | {rate / baseline:.3f} |")
+    for name in variants:
+        to_no_saves = ratio(name, NO_SAVES) if "save every" in name else ""
+        rows.append(f"| {name} | {statistics.median(rates[name]):.1f} | {ratio(name, BASELINE)} | {to_no_saves} |")
     header = (
         f"MLP {FEATURES}-{args.width}-{args.width}-{CLASSES} ({params:,} parameters, state with Adam slots "
         f"~{params * 3 * 4 / 1e6:.1f} MB), {SAMPLES} examples, global batch {BATCH} ({steps} steps/epoch), "
-        f"MirroredStrategy over 2 logical CPU devices; median of {args.repeats} x {args.epochs} timed epochs per variant, "
-        f"interleaved. Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}."
+        f"MirroredStrategy over 2 logical CPU devices; {repeats} interleaved repetitions of {args.epochs} timed "
+        "epochs per variant. Steps/s: median over repetitions of each repetition's median epoch. Ratios: median "
+        "(and range) of the ratios within each repetition. "
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}."
     )
     table = header + "\n\n" + "\n".join(rows) + "\n"
     if SAVE_STATS:
