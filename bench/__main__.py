@@ -41,8 +41,9 @@ if __name__ == "__main__":
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=["loop", "io", "preemption", "resume"], help="run one benchmark")
     parser.add_argument("--epochs", type=int, default=3, help="loop: timed epochs per repetition (default 3)")
-    parser.add_argument("--repeats", type=int, help="interleaved repetitions (default 8 for loop, 3 for the others)")
-    parser.add_argument("--width", type=int, default=256, help="loop: hidden units of the MLP")
+    parser.add_argument("--repeats", type=int, help="interleaved repetitions (default 8 for loop, at its first width, 3 for the others)")
+    parser.add_argument("--widths", type=int, nargs="+", default=[256, 1024],
+                        help="loop: hidden units of the MLP, one table each (default 256 1024)")
     parser.add_argument("--sizes", type=int, nargs="+", default=[10, 100], help="io: state sizes in MB (default 10 100)")
     parser.add_argument("--state-sizes", type=int, nargs="+", default=[10, 100],
                         help="preemption, resume: checkpoint sizes in MB (default 10 100)")
@@ -70,10 +71,14 @@ if __name__ == "__main__":
     args.repeats = args.repeats or 3
     machine = f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}."
     if args.only in (None, "loop"):
-        table = loop_overhead.run(args, loop_repeats)
+        table, results = loop_overhead.run(args, loop_repeats)
         print(table)
         if args.write:
             replace_section("loop_overhead", table)
+        if args.write or args.plot_dir:
+            from bench import plots
+
+            plots.loop(results, args.plot_dir)
     if args.only in (None, "io"):
         table = checkpoint_io.run(args.sizes, args.repeats, args.stores) + f"\nMedian of {args.repeats} runs each. {machine}\n"
         print(table)

@@ -99,54 +99,92 @@ def run_loop(width: int, epochs: int, policy: ct.CheckpointPolicy) -> list[float
 
 NO_SAVES = "cluster-trainer loop, no saves"
 BASELINE = "model.fit, same tf.data pipeline (baseline)"
+ON_ARRAYS = "model.fit(x, y) on numpy arrays"
 
 
-def run(args, repeats: int) -> str:
-    steps = -(-SAMPLES // BATCH)
+def _variants(width: int, epochs: int, with_arrays: bool) -> dict:
     variants = {
-        BASELINE: lambda: run_fit(args.width, args.epochs + 1, True),
-        "model.fit(x, y) on numpy arrays": lambda: run_fit(args.width, args.epochs + 1, False),
-        NO_SAVES: lambda: run_loop(
-            args.width, args.epochs + 1, ct.CheckpointPolicy(every_steps=None, every_epoch=False)),
+        BASELINE: lambda: run_fit(width, epochs + 1, True),
+        ON_ARRAYS: lambda: run_fit(width, epochs + 1, False),
+        NO_SAVES: lambda: run_loop(width, epochs + 1, ct.CheckpointPolicy(every_steps=None, every_epoch=False)),
         f"cluster-trainer loop, save every {SAVE_EVERY} steps (background writer)": lambda: run_loop(
-            args.width, args.epochs + 1, ct.CheckpointPolicy(every_steps=SAVE_EVERY, every_epoch=False, keep_last=2)),
+            width, epochs + 1, ct.CheckpointPolicy(every_steps=SAVE_EVERY, every_epoch=False, keep_last=2)),
         "cluster-trainer loop, save every 128 steps (background writer)": lambda: run_loop(
-            args.width, args.epochs + 1, ct.CheckpointPolicy(every_steps=128, every_epoch=False, keep_last=2)),
+            width, epochs + 1, ct.CheckpointPolicy(every_steps=128, every_epoch=False, keep_last=2)),
     }
-    # Steps/s of each repetition (median of its timed epochs). The ratios are taken within a
-    # repetition, between variants run one after the other, so that a slow minute of a shared
-    # machine slows both sides of a ratio; the table reports their median and range.
+    if not with_arrays:
+        del variants[ON_ARRAYS]
+    return variants
+
+
+def measure(width: int, epochs: int, repeats: int, with_arrays: bool) -> dict:
+    """Steps/s of every variant at one model width: per repetition (median epoch) and best epoch.
+
+    Each repetition runs every variant once, one after the other. A ratio is
+    taken within a repetition (a slow minute of a shared machine slows both
+    sides of it); the fastest epoch over the whole run is the other estimate,
+    since noise on a shared machine only ever adds time.
+    """
+    steps = -(-SAMPLES // BATCH)
+    variants = _variants(width, epochs, with_arrays)
     rates: dict[str, list[float]] = {name: [] for name in variants}
+    best: dict[str, float] = {name: 0.0 for name in variants}
+    SAVE_STATS.clear()
     for repeat in range(repeats):
         for name, variant in variants.items():
-            rates[name].append(steps / statistics.median(variant()))
-            print(f"repeat {repeat + 1}/{repeats}: {name}: {rates[name][-1]:.1f} steps/s", flush=True)
+            epoch_times = variant()
+            rates[name].append(steps / statistics.median(epoch_times))
+            best[name] = max(best[name], steps / min(epoch_times))
+            print(f"width {width}, repeat {repeat + 1}/{repeats}: {name}: {rates[name][-1]:.1f} steps/s", flush=True)
+    return {"width": width, "epochs": epochs, "repeats": repeats, "rates": rates, "best": best,
+            "save_stats": list(SAVE_STATS)}
+
+
+def paired_ratios(result: dict, name: str, to: str) -> list[float]:
+    return sorted(a / b for a, b in zip(result["rates"][name], result["rates"][to]))
+
+
+def table(result: dict) -> str:
+    width, rates, best = result["width"], result["rates"], result["best"]
+    steps = -(-SAMPLES // BATCH)
 
     def ratio(name: str, to: str) -> str:
-        paired = sorted(a / b for a, b in zip(rates[name], rates[to]))
-        return f"{statistics.median(paired):.3f} ({paired[0]:.2f}–{paired[-1]:.2f})"
+        paired = paired_ratios(result, name, to)
+        return f"{statistics.median(paired):.2f} ({paired[0]:.2f}–{paired[-1]:.2f}), best {best[name] / best[to]:.2f}"
 
-    params = FEATURES * args.width + args.width + args.width * args.width + args.width + args.width * CLASSES + CLASSES
+    params = FEATURES * width + width + width * width + width + width * CLASSES + CLASSES
     rows = [
-        "| variant | steps/s | ratio to fit | ratio to no saves |",
+        "| variant | steps/s: median (best epoch) | ratio to fit | ratio to no saves |",
         "|---|---:|---:|---:|",
     ]
-    for name in variants:
+    for name in rates:
         to_no_saves = ratio(name, NO_SAVES) if "save every" in name else ""
-        rows.append(f"| {name} | {statistics.median(rates[name]):.1f} | {ratio(name, BASELINE)} | {to_no_saves} |")
-    header = (
-        f"MLP {FEATURES}-{args.width}-{args.width}-{CLASSES} ({params:,} parameters, state with Adam slots "
-        f"~{params * 3 * 4 / 1e6:.1f} MB), {SAMPLES} examples, global batch {BATCH} ({steps} steps/epoch), "
-        f"MirroredStrategy over 2 logical CPU devices; {repeats} interleaved repetitions of {args.epochs} timed "
-        "epochs per variant. Steps/s: median over repetitions of each repetition's median epoch. Ratios: median "
-        "(and range) of the ratios within each repetition. "
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}."
+        rows.append(f"| {name} | {statistics.median(rates[name]):.1f} ({best[name]:.1f}) | {ratio(name, BASELINE)} "
+                    f"| {to_no_saves} |")
+    text = (
+        f"**MLP {FEATURES}-{width}-{width}-{CLASSES}** ({params:,} parameters, state with Adam slots "
+        f"~{params * 3 * 4 / 1e6:.1f} MB), {SAMPLES} examples, global batch {BATCH} ({steps} steps/epoch); "
+        f"{result['repeats']} repetitions of {result['epochs']} timed epochs per variant.\n\n" + "\n".join(rows) + "\n"
     )
-    table = header + "\n\n" + "\n".join(rows) + "\n"
-    if SAVE_STATS:
-        saves = sum(s["saves"] for s in SAVE_STATS)
-        copy_ms = 1000 * sum(s["host_copy_seconds"] for s in SAVE_STATS) / saves
-        stall_ms = 1000 * sum(s["stall_seconds"] for s in SAVE_STATS) / saves
-        table += (f"\nPer save ({saves} saves): host copy {copy_ms:.1f} ms on the training thread; "
-                  f"blocked on the previous upload {stall_ms:.1f} ms on average.\n")
-    return table
+    stats = result["save_stats"]
+    if stats:
+        saves = sum(s["saves"] for s in stats)
+        copy_ms = 1000 * statistics.median(s["host_copy_median_seconds"] for s in stats)
+        stall_ms = 1000 * sum(s["stall_seconds"] for s in stats) / saves
+        text += (f"\nPer save ({saves} saves): host copy {copy_ms:.1f} ms (median) on the training thread; "
+                 f"blocked on the previous upload {stall_ms:.1f} ms on average.\n")
+    return text
+
+
+def run(args, repeats: int) -> tuple[str, list[dict]]:
+    """Every width in `args.widths`; the first with `repeats` repetitions, wider ones (slower
+    steps) with half as many and without the `fit(x, y)` variant. Returns the text and results."""
+    results = [measure(width, args.epochs, repeats if i == 0 else max(1, repeats // 2), with_arrays=i == 0)
+               for i, width in enumerate(args.widths)]
+    text = (
+        "MirroredStrategy over 2 logical CPU devices; variants interleaved. Steps/s: the median over repetitions of "
+        "each repetition's median epoch, and the fastest epoch. Ratios: the median (and range) of the ratios within "
+        "each repetition, and the ratio of fastest epochs. "
+        f"Machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}.\n\n"
+    )
+    return text + "\n".join(table(result) for result in results), results

@@ -1,4 +1,4 @@
-"""PNG plots of the preemption and resume benchmarks, written under docs/ by `python -m bench --write`."""
+"""PNG plots of the loop, preemption and resume benchmarks, written under docs/ by `python -m bench --write`."""
 
 from __future__ import annotations
 
@@ -110,3 +110,27 @@ def data(trials, directory: str | None = None) -> str:
     axis.legend(fontsize=8)
     axis.grid(True, alpha=0.3)
     return _save(figure, "bench_resume_data.png", directory)
+
+
+def loop(results, directory: str | None = None) -> str:
+    """Each repetition's steps/s ratio to `fit`, per variant, one panel per model width: the spread
+    is the machine's noise, the diamond the ratio of the fastest epochs."""
+    from bench.loop_overhead import BASELINE
+
+    figure, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4), squeeze=False, sharey=True)
+    for axis, result in zip(axes[0], results):
+        names = [name for name in result["rates"] if name != BASELINE]
+        for i, name in enumerate(names):
+            ratios = [a / b for a, b in zip(result["rates"][name], result["rates"][BASELINE])]
+            axis.plot([i] * len(ratios), ratios, "o", color="#1f77b4", alpha=0.5, markersize=5)
+            axis.plot([i], [statistics.median(ratios)], "_", color="black", markersize=22, markeredgewidth=2)
+            axis.plot([i], [result["best"][name] / result["best"][BASELINE]], "D", color="#d62728", markersize=6)
+        axis.axhline(1.0, color="#9e9e9e", linewidth=1)
+        axis.axhline(0.98, color="#9e9e9e", linewidth=1, linestyle="--")
+        axis.set_xticks(range(len(names)), [n.replace("cluster-trainer loop, ", "loop,\n").replace(
+            " (background writer)", "").replace("model.fit(x, y) on numpy arrays", "fit(x, y)\non arrays")
+            for n in names], fontsize=8)
+        axis.set_title(f"MLP width {result['width']}: steps/s ÷ fit's (dots: repetitions, bar: median, "
+                       "diamond: fastest epochs)", fontsize=8)
+    axes[0][0].set_ylabel("ratio to model.fit (dashed: 0.98 goal)")
+    return _save(figure, "bench_loop.png", directory)

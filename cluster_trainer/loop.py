@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import socket
+import statistics
 import sys
 import time
 import uuid
@@ -41,6 +42,7 @@ from cluster_trainer.state import (
     capture_model_state,
     capture_rng_state,
     check_model_fits,
+    prepare_capture,
     restore_model_state,
     restore_rng_state,
 )
@@ -74,7 +76,8 @@ class RunResult:
     position: Position
     history: dict[str, list]
     checkpoint: str | None
-    # saves, seconds spent copying state to host memory, seconds blocked on earlier uploads
+    # saves, seconds spent copying state to host memory (in all, and the median save's), seconds
+    # blocked on earlier uploads
     checkpoint_stats: dict = dataclasses.field(default_factory=dict)
 
 
@@ -169,9 +172,7 @@ class _Run:
         self.attempt: int | None = None  # registered once every check has passed
         self.position = Position()
         self._last_logs = None  # the last train step's logs, as tensors
-        self.saves = 0
-        self.host_copy_seconds = 0.0
-        self.last_copy_seconds = 0.0
+        self.copy_seconds: list[float] = []  # per save: the training thread's part of it
         self.writer = CheckpointWriter(store, max_in_flight=job.checkpoint.max_in_flight)
         self.writer.last_committed = resume.name if resume else None
         self.files = RunFiles(store.storage)
@@ -195,6 +196,7 @@ class _Run:
             self.model.make_train_function()
             if self.val_source is not None:
                 self.model.make_test_function()
+        prepare_capture(self.model)
         if self.resume is not None:
             self.files.restore()
         self.run_context = RunContext(uri=self.uri, files_dir=self.files.local_dir)
@@ -265,9 +267,7 @@ class _Run:
         if self.writer.last_error is not None:
             self.files.forget_uploads()
         extra_files = self.files.snapshot()
-        self.last_copy_seconds = time.perf_counter() - copy_started
-        self.host_copy_seconds += self.last_copy_seconds
-        self.saves += 1
+        self.copy_seconds.append(time.perf_counter() - copy_started)
         self.sequence += 1
         self.writer.save(
             sequence=self.sequence,
@@ -429,7 +429,7 @@ class _Run:
         report = self.store.last_commit
         if report is not None and report.name == self.writer.last_committed:
             self.echo(f"flush of {report.nbytes / 1e6:.1f} MB: finishing the step {step_wait:.3f}s, "
-                      f"host copy {self.last_copy_seconds:.3f}s, {report.stages()}")
+                      f"host copy {self.copy_seconds[-1]:.3f}s, {report.stages()}")
         left = notice.seconds_left()
         if left < 0:
             self.echo(f"warning: the flush took {took:.1f}s, {-left:.1f}s past the deadline; "
@@ -464,7 +464,8 @@ class _Run:
             position=self.position,
             history=dict(history.history) if history else {},
             checkpoint=self.writer.last_committed,
-            checkpoint_stats={"saves": self.saves, "host_copy_seconds": self.host_copy_seconds,
+            checkpoint_stats={"saves": len(self.copy_seconds), "host_copy_seconds": sum(self.copy_seconds),
+                              "host_copy_median_seconds": statistics.median(self.copy_seconds),
                               "stall_seconds": self.writer.stall_seconds},
         )
 

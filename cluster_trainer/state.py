@@ -119,6 +119,11 @@ def _read_all(model, variables: list) -> list[list]:
     return [[next(values) for _ in group] for group in components]
 
 
+def prepare_capture(model) -> None:
+    """Compile the read that `capture_model_state` makes, so the first save does not pay for it."""
+    _read_all(model, [entry["variable"] for entry in _describe(model)])
+
+
 def capture_model_state(model, copy: bool = True) -> tuple[dict[str, np.ndarray], list[dict]]:
     """Every variable of `model` in host memory.
 

@@ -53,11 +53,12 @@ def test_io_benchmark_runs_on_every_store_at_smallest_size(tmp_path):
 
 
 def test_loop_benchmark_runs_at_smallest_size(tmp_path):
-    out = bench("--only", "loop", "--epochs", "1", "--width", "8", tmp_path=tmp_path)
+    out = bench("--only", "loop", "--epochs", "1", "--widths", "8", tmp_path=tmp_path)
     rows = [line for line in out.splitlines() if line.startswith("| ") and "steps/s" not in line]
     assert [row.split(" | ")[0] for row in rows] == [
         "| model.fit, same tf.data pipeline (baseline)", "| model.fit(x, y) on numpy arrays",
         "| cluster-trainer loop, no saves", "| cluster-trainer loop, save every 16 steps (background writer)",
         "| cluster-trainer loop, save every 128 steps (background writer)"], out
-    assert rows[0].split(" | ")[2] == "1.000 (1.00–1.00)"  # the baseline against itself
+    assert rows[0].split(" | ")[2] == "1.00 (1.00–1.00), best 1.00"  # the baseline against itself
     assert "Per save (" in out  # the saving variants saved
+    assert {p.name for p in tmp_path.glob("*.png")} == {"bench_loop.png"}
