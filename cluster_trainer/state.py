@@ -106,6 +106,18 @@ def _components(variable) -> list:
 _READERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 
 
+class _Reader:
+    """Reads the given variables. An object rather than a lambda: TensorFlow counts traces per
+    code object, and every model's reader would share a lambda's, which after five models in
+    one process (tests, sweeps, notebooks) warns of "excessive retracing"."""
+
+    def __init__(self, variables: list):
+        self.variables = variables
+
+    def __call__(self) -> list:
+        return [variable.read_value() for variable in self.variables]
+
+
 def _read_all(model, variables: list) -> list[list]:
     """Each variable's component values, as tensors, read in one `tf.function` call."""
     components = [_components(v) for v in variables]
@@ -113,7 +125,7 @@ def _read_all(model, variables: list) -> list[list]:
     ids = tuple(id(c) for c in flat)
     cached = _READERS.get(model)
     if cached is None or cached[0] != ids:
-        cached = (ids, tf.function(lambda: [c.read_value() for c in flat], autograph=False))
+        cached = (ids, tf.function(_Reader(flat), autograph=False))
         _READERS[model] = cached
     values = iter(cached[1]())
     return [[next(values) for _ in group] for group in components]
