@@ -7,7 +7,11 @@ commits the state at that batch boundary, and ends with `PreemptedError`
 Where notices come from:
 
 - SIGTERM and SIGINT in the main process (a Kubernetes pod, a local run,
-  `ray job stop`): the handler only records the notice.
+  `ray job stop`): the handler only records the notice. Python runs a signal
+  handler only between bytecodes of the main thread, so not until the
+  compiled step in progress returns; a thread woken through
+  `signal.set_wakeup_fd` records the signal's arrival time at once, so the
+  deadline counts from the signal, not from the end of that step.
 - Polled sources, each a small object with a `poll()` that returns the seconds
   left before the machine goes away, or None: the GCE metadata server
   (`GceMetadataNotice`), the AWS spot instance-action endpoint
@@ -90,6 +94,8 @@ class PreemptionWatcher:
         self._previous: dict[int, object] = {}
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
+        self._wakeup: tuple[int, int] | None = None  # (read end, write end) of the signal wakeup pipe
+        self._handled_signal = False
 
     def notify(self, source: str, deadline_in: float | None = None) -> None:
         """Record a notice (the first one wins; a later notice does not move the deadline).
@@ -121,6 +127,10 @@ class PreemptionWatcher:
         for number, handler in self._previous.items():
             signal.signal(number, handler)
         self._previous.clear()
+        if self._wakeup is not None:
+            signal.set_wakeup_fd(-1)
+            os.close(self._wakeup[1])  # the reader thread sees end-of-file and ends, closing its end
+            self._wakeup = None
 
     def _poll_forever(self) -> None:
         while self.notice is None and not self._stop.is_set():
@@ -140,10 +150,43 @@ class PreemptionWatcher:
             return  # Python only delivers signals to the main thread
         for number in (signal.SIGTERM, signal.SIGINT):
             self._previous[number] = signal.signal(number, self._on_signal)
+        self._watch_signal_arrivals()
+
+    def _watch_signal_arrivals(self) -> None:
+        """Timestamp SIGTERM/SIGINT when they arrive, not when the main thread gets to the handler.
+
+        Left out if something else in the process (an asyncio loop) already owns the wakeup fd.
+        """
+        read_end, write_end = os.pipe()
+        os.set_blocking(write_end, False)
+        try:
+            previous = signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
+        except ValueError:  # not the main thread of the main interpreter
+            previous = None
+        if previous != -1:
+            if previous is not None:
+                signal.set_wakeup_fd(previous)
+            os.close(read_end)
+            os.close(write_end)
+            return
+        self._wakeup = (read_end, write_end)
+        threading.Thread(target=self._read_wakeups, args=(read_end,), name="cluster-trainer-signals",
+                         daemon=True).start()
+
+    def _read_wakeups(self, read_end: int) -> None:
+        try:
+            while chunk := os.read(read_end, 64):
+                for number in chunk:
+                    if number in (signal.SIGTERM, signal.SIGINT):
+                        self.notify(signal.Signals(number).name)
+        finally:
+            os.close(read_end)
 
     def _on_signal(self, number, frame) -> None:
-        if self.notice is not None and number == signal.SIGINT:
+        # Not `self.notice`: the wakeup thread may have recorded this very signal already.
+        if self._handled_signal and number == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now, without waiting for the flush
+        self._handled_signal = True
         self.notify(signal.Signals(number).name)
 
 

@@ -1,8 +1,11 @@
 """SIGTERM is a preemption notice: commit at the next batch boundary, exit 75, lose no step."""
 
+import json
 import random
 import re
 import signal
+import subprocess
+import sys
 import time
 
 import pytest
@@ -20,6 +23,57 @@ def test_the_first_notice_sets_the_deadline_and_a_second_does_not_move_it():
     time.sleep(0.01)
     watcher.notify("SIGTERM")
     assert watcher.notice.deadline == first and 9 < watcher.notice.seconds_left() <= 10
+
+
+# A main thread busy in one long C call that releases the GIL and never checks for signals (as a
+# compiled training step does): Python cannot run a signal handler until the call returns.
+BUSY_SCRIPT = """
+import hashlib, json, signal, sys, time
+from cluster_trainer.preemption import PreemptionWatcher
+
+def busy(seconds):
+    started = time.perf_counter()
+    hashlib.pbkdf2_hmac("sha256", b"p", b"s", 20_000)
+    rounds = int(20_000 * seconds / (time.perf_counter() - started))
+    print("busy", flush=True)
+    started = time.monotonic()
+    hashlib.pbkdf2_hmac("sha256", b"p", b"s", rounds)
+    return started, time.monotonic()
+
+watcher = PreemptionWatcher(grace_seconds=30)
+watcher.start()
+started, ended = busy(1.5)
+report = {"source": watcher.notice.source, "received": watcher.notice.received_at - started, "busy": ended - started}
+try:
+    print("noticed", flush=True)
+    time.sleep(1.5)  # a second SIGINT ends this at once
+    report["second"] = "ignored"
+except KeyboardInterrupt:
+    report["second"] = "KeyboardInterrupt"
+watcher.stop()
+print(json.dumps(report), flush=True)
+"""
+
+
+@pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_a_long_step_is_timed_from_its_arrival_not_from_the_step_end(number):
+    process = subprocess.Popen([sys.executable, "-c", BUSY_SCRIPT], stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().strip() == "busy"
+        time.sleep(0.2)
+        process.send_signal(number)
+        assert process.stdout.readline().strip() == "noticed"
+        process.send_signal(number)
+        report = json.loads(process.stdout.readline())
+    finally:
+        process.kill()
+        process.wait()
+    assert report["source"] == signal.Signals(number).name
+    assert report["busy"] > 1.0, report  # the call did keep the main thread busy
+    assert report["received"] < report["busy"] - 0.5, f"the notice was timed at the end of the step: {report}"
+    # Only a second Ctrl-C stops at once: the first one's notice, recorded by the wakeup thread before
+    # the handler ran, must not count as an earlier one.
+    assert report["second"] == ("KeyboardInterrupt" if number == signal.SIGINT else "ignored"), report
 
 
 @pytest.mark.slow
