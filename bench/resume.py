@@ -23,6 +23,8 @@ between for the plot), with N the batches per epoch:
   here the generic one, a TFRecord file of serialised examples, shuffled with
   a per-epoch seed and parsed with `map`; the loop resumes it with
   `skip(b * batch_size)`, which reads and parses every skipped example.
+  Beside it, the same builder taking `skip` (`fn(epoch, seed, skip)`), which
+  skips after its shuffle and before its parse.
 """
 
 from __future__ import annotations
@@ -169,8 +171,13 @@ def _sources(batches: int, work: Path):
         return (tf.data.TFRecordDataset(str(path)).shuffle(4096, seed=seed * 1000 + epoch)
                 .map(parse, num_parallel_calls=tf.data.AUTOTUNE))
 
+    def builder_that_skips(epoch, seed, skip):  # the same, skipping before the parse
+        return (tf.data.TFRecordDataset(str(path)).shuffle(4096, seed=seed * 1000 + epoch).skip(skip)
+                .map(parse, num_parallel_calls=tf.data.AUTOTUNE))
+
     return {"numpy arrays (ArraySource)": ArraySource((x, y), shuffle=True),
-            "tf.data builder: TFRecord, shuffle, map (DatasetSource)": DatasetSource(builder)}
+            "tf.data builder: TFRecord, shuffle, map (DatasetSource)": DatasetSource(builder),
+            "the same builder taking `skip`, skipping before its map": DatasetSource(builder_that_skips)}
 
 
 def _first_batch_seconds(source, strategy, start_batch: int) -> float:

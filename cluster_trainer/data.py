@@ -9,13 +9,16 @@ any batch:
 - `ArraySource` (in-memory arrays): a permutation drawn from `(seed, epoch)`;
   starting at batch `b` slices the permutation, reading nothing it skips: O(1).
 - `DatasetSource` (a user builder `fn(epoch, seed) -> tf.data.Dataset` of
-  unbatched examples): starting at batch `b` skips `b * batch_size` examples,
-  which reads them: O(b). Use arrays or a random-access builder when resuming
-  late in long epochs matters.
+  unbatched examples): starting at batch `b` skips `b * batch_size` examples
+  after the builder's pipeline, which reads and parses them: O(b). A builder
+  that takes a `skip` argument, `fn(epoch, seed, skip)`, is given that count
+  instead and skips where it is cheap: after the shuffle, before the parse
+  (`map`), so the skipped records are read but not decoded.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Callable
 
@@ -58,15 +61,33 @@ class ArraySource:
 
 
 class DatasetSource:
-    """A builder `fn(epoch, seed) -> tf.data.Dataset` of unbatched examples."""
+    """A builder `fn(epoch, seed) -> tf.data.Dataset` of unbatched examples, or `fn(epoch, seed, skip)`.
+
+    A builder with a `skip` parameter must return the epoch's examples without
+    the first `skip` of them, and is trusted to: the loop then adds no skip of
+    its own. Put `.skip(skip)` after the order is decided and before the parse.
+
+    Example:
+        >>> def builder(epoch, seed, skip=0):
+        ...     records = tf.data.Dataset.range(10).shuffle(10, seed=seed * 1000 + epoch)
+        ...     return records.skip(skip).map(lambda r: (tf.cast(r, "float32"), r % 2))
+        >>> source = DatasetSource(builder)
+        >>> later = [int(x) for x, _ in source.epoch_dataset(1, 0, batch_size=4, start_batch=1).unbatch()]
+        >>> later == [int(x) for x, _ in source.epoch_dataset(1, 0, batch_size=4).unbatch()][4:]
+        True
+    """
 
     shuffle = None
 
-    def __init__(self, builder: Callable[[int, int], tf.data.Dataset]):
+    def __init__(self, builder: Callable[..., tf.data.Dataset]):
         self.builder = builder
+        try:
+            self.skips_itself = "skip" in inspect.signature(builder).parameters
+        except (TypeError, ValueError):  # a builtin or C callable without a signature
+            self.skips_itself = False
 
-    def _build(self, epoch: int, seed: int) -> tf.data.Dataset:
-        dataset = self.builder(epoch, seed)
+    def _build(self, epoch: int, seed: int, skip: int = 0) -> tf.data.Dataset:
+        dataset = self.builder(epoch, seed, skip=skip) if self.skips_itself else self.builder(epoch, seed)
         if not isinstance(dataset, tf.data.Dataset):
             raise JobError(f"data builder returned {type(dataset).__name__}; it must return a tf.data.Dataset of unbatched examples")
         return dataset
@@ -83,9 +104,10 @@ class DatasetSource:
         return math.ceil(cardinality / batch_size)
 
     def epoch_dataset(self, epoch: int, seed: int, batch_size: int, start_batch: int = 0) -> tf.data.Dataset:
-        dataset = self._build(epoch, seed)
-        if start_batch:
-            dataset = dataset.skip(start_batch * batch_size)
+        skip = start_batch * batch_size
+        dataset = self._build(epoch, seed, skip)
+        if skip and not self.skips_itself:
+            dataset = dataset.skip(skip)
         return dataset.batch(batch_size)
 
 

@@ -170,7 +170,9 @@ class Job:
         train_data: `(x, y)` numpy arrays (shuffled each epoch by `(seed, epoch)`,
             resumed without reading skipped batches), or a builder
             `fn(epoch, seed) -> tf.data.Dataset` of *unbatched* `(x, y)` examples
-            whose order depends only on its arguments (resumed by skipping).
+            whose order depends only on its arguments (resumed by skipping), or
+            `fn(epoch, seed, skip)`, which skips the first `skip` examples itself
+            (before its parse, where skipping is cheap).
         validation_data: same forms as `train_data`, or None. Never shuffled.
         callbacks: `callbacks(config)` or `callbacks(config, run)` returning Keras
             callbacks. `run` is a `RunContext` (use `run.path("tb")` for log dirs).

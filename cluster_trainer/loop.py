@@ -373,7 +373,7 @@ class _Run:
             self.callbacks.on_train_batch_begin(batch)
             logs = _run_step(self.model.train_function, iterator)
             if logs is None:
-                break  # an epoch of unknown length ended (fit, too, begins this batch before it finds out)
+                break  # an epoch of unknown length ended (fit's first epoch, too, begins this batch first)
             self.callbacks.on_train_batch_end(batch, logs)
             batch += 1
             self._last_logs = logs

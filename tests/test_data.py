@@ -6,6 +6,7 @@ import tensorflow as tf
 
 from cluster_trainer.data import ArraySource, DatasetSource, as_source
 from cluster_trainer.errors import JobError
+from harness import latest
 
 X = np.arange(100, dtype="float32").reshape(50, 2)
 Y = np.arange(50, dtype="int64")
@@ -47,6 +48,22 @@ def test_dataset_builder_resumes_by_skipping(start):
     assert_same_batches(batches(source.epoch_dataset(1, 9, 8, start_batch=start)), full[start:])
 
 
+@pytest.mark.parametrize("start", [0, 2, 6])
+def test_a_builder_that_takes_skip_skips_itself_before_its_parse_and_gets_the_same_batches(start):
+    def builder(epoch, seed, skip):
+        shuffled = tf.data.Dataset.from_tensor_slices((X, Y)).shuffle(50, seed=seed * 1000 + epoch)
+        return shuffled.skip(skip).map(lambda x, y: (x * 2, y))  # the parse, after the skip
+
+    def builder_without_skip(epoch, seed):
+        return builder(epoch, seed, 0)
+
+    source = DatasetSource(builder)
+    assert source.skips_itself and not DatasetSource(builder_without_skip).skips_itself
+    full = batches(DatasetSource(builder_without_skip).epoch_dataset(1, 9, 8))
+    assert source.num_batches(8) == 7
+    assert_same_batches(batches(source.epoch_dataset(1, 9, 8, start_batch=start)), full[start:])
+
+
 def test_a_dataset_instead_of_a_builder_names_the_fix():
     with pytest.raises(JobError, match="pass a builder `lambda epoch, seed: dataset`"):
         as_source(tf.data.Dataset.range(3), shuffle=True, what="train_data")
@@ -63,3 +80,43 @@ def test_an_infinite_builder_is_refused_instead_of_training_forever():
 def test_nested_lists_are_a_job_error():
     with pytest.raises(JobError, match="one row per example"):
         as_source(([[1, 2], [3, 4]], 5), shuffle=True, what="train_data")
+
+
+def test_an_epoch_of_unknown_length_trains_every_batch_as_fit_does(tmp_path):
+    """A builder whose cardinality TensorFlow cannot tell (a `filter`): the loop's compiled step finds
+    the end of the data itself. Same steps, same weights as `fit` on the same batches."""
+    import keras
+
+    import cluster_trainer as ct
+    from cluster_trainer.devices import make_strategy
+
+    def examples(epoch, seed):
+        return tf.data.Dataset.from_tensor_slices((X / 100, (Y % 2).astype("float32"))).filter(lambda x, y: True)
+
+    def build(config):
+        model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(4, activation="relu"), keras.layers.Dense(1)])
+        model.compile(optimizer="adam", loss="mse")
+        return model
+
+    class Batches(keras.callbacks.Callback):
+        ends = []
+
+        def on_train_batch_end(self, batch, logs=None):
+            self.ends.append(batch)
+
+    strategy = make_strategy(None)
+    job = ct.Job(name="unknown-length", build_model=build, train_data=examples, epochs=2, batch_size=8, seed=3,
+                 callbacks=lambda config: [Batches()], checkpoint=ct.CheckpointPolicy(every_steps=None))
+    assert int(examples(0, 0).cardinality()) == tf.data.UNKNOWN_CARDINALITY
+    result = ct.train(job, str(tmp_path / "run"), strategy=strategy, verbose=0, echo=lambda message: None)
+    assert Batches.ends == [0, 1, 2, 3, 4, 5, 6] * 2  # 50 examples in batches of 8, each epoch
+
+    keras.utils.set_random_seed(3)
+    with strategy.scope():
+        reference = build({})
+    reference.fit(examples(0, 3).batch(8), epochs=2, verbose=0)
+    trained = latest(tmp_path / "run")
+    kernels = [trained.tensors[e["key"]] for e in trained.state["variables"] if e["stable_path"].endswith("kernel")]
+    assert len(kernels) == 2 and result.position.global_step == 14
+    for ours, theirs in zip(kernels, [v.numpy() for v in reference.trainable_variables if "kernel" in v.path]):
+        np.testing.assert_array_equal(ours, theirs)
