@@ -96,6 +96,8 @@ class PreemptionWatcher:
         self._poller: threading.Thread | None = None
         self._wakeup: tuple[int, int] | None = None  # (read end, write end) of the signal wakeup pipe
         self._handled_signal = False
+        # Re-entrant: a signal handler may run in the main thread while it is inside `notify`.
+        self._notice_lock = threading.RLock()
 
     def notify(self, source: str, deadline_in: float | None = None) -> None:
         """Record a notice (the first one wins; a later notice does not move the deadline).
@@ -103,10 +105,11 @@ class PreemptionWatcher:
         `deadline_in` is capped at the grace period: a source that does not know
         the deadline, or reports a far one, still gets the state committed soon.
         """
-        if self.notice is None:
-            now = time.monotonic()
-            left = self.grace_seconds if deadline_in is None else min(deadline_in, self.grace_seconds)
-            self.notice = Notice(source, now, now + left)
+        now = time.monotonic()
+        with self._notice_lock:  # the signal handler and the wakeup thread may record the same signal
+            if self.notice is None:
+                left = self.grace_seconds if deadline_in is None else min(deadline_in, self.grace_seconds)
+                self.notice = Notice(source, now, now + left)
 
     # -- lifecycle ---------------------------------------------------------------
 

@@ -92,11 +92,10 @@ class CheckpointStore:
         `published` files (views of the committed state, such as the Parquet
         history; or a function returning them, called here, so that the
         writer's thread encodes them) are written after it, overwriting: a
-        failure there is logged
-        and does not undo the commit. Then retention prunes, unless `prune` is
-        False (a preemption flush leaves that to the next attempt). Raises
-        `SupersededError`, without committing, if a later attempt of the run
-        has registered.
+        failure there is logged and does not undo the commit. Then retention
+        prunes, unless `prune` is False (a preemption flush leaves that to the
+        next attempt). Raises `SupersededError`, without committing, if a later
+        attempt of the run has registered.
         """
         clock = _StageClock()
         name = checkpoint_name(sequence, step, attempt)
