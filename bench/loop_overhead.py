@@ -38,6 +38,7 @@ from cluster_trainer.data import ArraySource  # noqa: E402
 
 SAMPLES, FEATURES, CLASSES, BATCH = 8192, 64, 10, 128
 SAVE_EVERY = 16
+STEPS = -(-SAMPLES // BATCH)  # per epoch
 
 
 class EpochTimer(keras.callbacks.Callback):
@@ -125,7 +126,6 @@ def measure(width: int, epochs: int, repeats: int, with_arrays: bool) -> dict:
     sides of it); the fastest epoch over the whole run is the other estimate,
     since noise on a shared machine only ever adds time.
     """
-    steps = -(-SAMPLES // BATCH)
     variants = _variants(width, epochs, with_arrays)
     rates: dict[str, list[float]] = {name: [] for name in variants}
     best: dict[str, float] = {name: 0.0 for name in variants}
@@ -133,8 +133,8 @@ def measure(width: int, epochs: int, repeats: int, with_arrays: bool) -> dict:
     for repeat in range(repeats):
         for name, variant in variants.items():
             epoch_times = variant()
-            rates[name].append(steps / statistics.median(epoch_times))
-            best[name] = max(best[name], steps / min(epoch_times))
+            rates[name].append(STEPS / statistics.median(epoch_times))
+            best[name] = max(best[name], STEPS / min(epoch_times))
             print(f"width {width}, repeat {repeat + 1}/{repeats}: {name}: {rates[name][-1]:.1f} steps/s", flush=True)
     return {"width": width, "epochs": epochs, "repeats": repeats, "rates": rates, "best": best,
             "save_stats": list(SAVE_STATS)}
@@ -146,7 +146,6 @@ def paired_ratios(result: dict, name: str, to: str) -> list[float]:
 
 def table(result: dict) -> str:
     width, rates, best = result["width"], result["rates"], result["best"]
-    steps = -(-SAMPLES // BATCH)
 
     def ratio(name: str, to: str) -> str:
         paired = paired_ratios(result, name, to)
@@ -163,7 +162,7 @@ def table(result: dict) -> str:
                     f"| {to_no_saves} |")
     text = (
         f"**MLP {FEATURES}-{width}-{width}-{CLASSES}** ({params:,} parameters, state with Adam slots "
-        f"~{params * 3 * 4 / 1e6:.1f} MB), {SAMPLES} examples, global batch {BATCH} ({steps} steps/epoch); "
+        f"~{params * 3 * 4 / 1e6:.1f} MB), {SAMPLES} examples, global batch {BATCH} ({STEPS} steps/epoch); "
         f"{result['repeats']} repetitions of {result['epochs']} timed epochs per variant.\n\n" + "\n".join(rows) + "\n"
     )
     stats = result["save_stats"]

@@ -115,13 +115,13 @@ def data(trials, directory: str | None = None) -> str:
 def loop(results, directory: str | None = None) -> str:
     """Each repetition's steps/s ratio to `fit`, per variant, one panel per model width: the spread
     is the machine's noise, the diamond the ratio of the fastest epochs."""
-    from bench.loop_overhead import BASELINE
+    from bench.loop_overhead import BASELINE, paired_ratios
 
     figure, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4), squeeze=False, sharey=True)
     for axis, result in zip(axes[0], results):
         names = [name for name in result["rates"] if name != BASELINE]
         for i, name in enumerate(names):
-            ratios = [a / b for a, b in zip(result["rates"][name], result["rates"][BASELINE])]
+            ratios = paired_ratios(result, name, BASELINE)
             axis.plot([i] * len(ratios), ratios, "o", color="#1f77b4", alpha=0.5, markersize=5)
             axis.plot([i], [statistics.median(ratios)], "_", color="black", markersize=22, markeredgewidth=2)
             axis.plot([i], [result["best"][name] / result["best"][BASELINE]], "D", color="#d62728", markersize=6)
