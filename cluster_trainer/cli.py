@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import os
+import signal
 import sys
 import textwrap
 
@@ -216,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     package_log = logging.getLogger("cluster_trainer")
     package_log.addHandler(handler)
     package_log.setLevel(logging.INFO)
+    if hasattr(signal, "SIGUSR1"):
+        # `kill -USR1 <pid>` prints every thread's stack to stderr: where a stuck upload or step waits.
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         if args.command in ("run", "export", "sweep") and os.environ["TF_CPP_MIN_LOG_LEVEL"].strip() not in ("0", "1"):
             from cluster_trainer.native_logs import import_tensorflow_quietly

@@ -76,8 +76,10 @@ def run_and_kill_at(storage: Path | str, pause_at: str, tmp: Path, *extra: str, 
         deadline = time.monotonic() + COMMIT_TIMEOUT  # the upload runs on: a loaded machine slows it
         while expect is not None and not _committed_at(storage, expect):
             if time.monotonic() > deadline:
+                process.send_signal(signal.SIGUSR1)  # the CLI prints every thread's stack: where the writer waits
+                time.sleep(2)
                 raise AssertionError(f"no checkpoint at {expect} was committed in {COMMIT_TIMEOUT}s while paused at "
-                                     f"{pause_at}:\n{tail()}")
+                                     f"{pause_at}:\n{output.read_text()[-12000:]}")
             time.sleep(0.2)
     finally:
         process.send_signal(signal.SIGKILL)

@@ -108,3 +108,24 @@ def test_sigterm_at_a_random_batch_commits_there_exits_75_and_resumes_with_no_st
     assert resumed.returncode == 0, resumed.stderr
     assert f"(global step {step}), attempt 2" in resumed.stderr
     assert_bitwise_equal_runs(latest(mlp_reference), latest(storage))
+
+
+@pytest.mark.slow
+def test_sigusr1_prints_every_threads_stack_and_the_run_goes_on(tmp_path):
+    storage = tmp_path / "run"
+    process, log = start_training(storage, CT_TEST_STEP_SLEEP="0.05")
+    try:
+        assert process.poll() is None, log.read_text()[-3000:]
+        process.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + 30
+        while "Current thread" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        dump = log.read_text()
+        assert "Current thread" in dump and dump.count("Thread 0x") >= 2, dump[-3000:]  # main and the writer, at least
+        assert "in _train_epoch" in dump, dump[-3000:]  # the training thread, in the loop
+        assert process.poll() is None, "SIGUSR1 stopped the run"
+        process.send_signal(signal.SIGTERM)  # and it still answers a notice as before
+        assert process.wait(timeout=120) == EXIT_PREEMPTED, log.read_text()[-3000:]
+    finally:
+        process.kill()
+        process.wait()
