@@ -23,7 +23,7 @@ def __getattr__(name):
     # TensorFlow is imported only when training-side API is used, so that
     # job files and `cluster-trainer --help` load fast.
     if name == "run":
-        from cluster_trainer.ray_runner import run
+        from cluster_trainer.on_ray.driver import run
 
         return run
     if name == "sweep":

@@ -269,7 +269,7 @@ def _run(args) -> int:
         print(f"cluster-trainer: run {result.status}: {result.uri} (epoch {result.position.epoch}, "
               f"global step {result.position.global_step}, attempt {result.attempt}) {metrics}", file=sys.stderr)
         return EXIT_OK
-    from cluster_trainer.ray_runner import run
+    from cluster_trainer.on_ray.driver import run
 
     outcome = run(
         job, args.storage, address=args.ray_address, devices=args.devices, epochs=args.epochs,

@@ -45,3 +45,11 @@ class CheckpointWriteError(ClusterTrainerError):
 
 class StateMismatchError(CheckpointError):
     """The checkpoint was written by a different model or callback list."""
+
+
+class RunError(ClusterTrainerError):
+    """A run on Ray did not complete; `exit_code` is the last attempt's (1, 2, 3 or 75)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

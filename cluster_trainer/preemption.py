@@ -17,7 +17,7 @@ Where notices come from:
   (`GceMetadataNotice`), the AWS spot instance-action endpoint
   (`AwsSpotNotice`), a file (`FileNotice`, for tests and for sidecars that
   learn of preemption some other way), and, inside a Ray actor, the node's
-  drain state (`cluster_trainer.ray_runner`, so that nothing here imports Ray).
+  drain state (`cluster_trainer.on_ray.notices`, so that nothing here imports Ray).
   A daemon thread polls them every `poll_seconds`.
 
 When a source does not say how long is left (a signal, GCE's `preempted`

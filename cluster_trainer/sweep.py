@@ -174,7 +174,8 @@ def _trial(config: dict, settings: dict) -> None:
     """Tune's function trainable: train this trial's run with the driver of `cluster_trainer.run`."""
     from ray import tune
 
-    from cluster_trainer.ray_runner import _job_from_spec, run
+    from cluster_trainer.on_ray.actor import job_from_spec
+    from cluster_trainer.on_ray.driver import run
 
     if os.environ.get("TF_CPP_MIN_LOG_LEVEL", "").strip() not in ("0", "1"):
         from cluster_trainer.native_logs import import_tensorflow_quietly
@@ -182,7 +183,7 @@ def _trial(config: dict, settings: dict) -> None:
         import_tensorflow_quietly()  # the job file imports Keras; keep TensorFlow's start-up lines out of the log
     trial_id = tune.get_context().get_trial_id()
     uri = f"{settings['sweep_uri'].rstrip('/')}/{trial_id}"
-    job = _job_from_spec(settings["job_spec"])
+    job = job_from_spec(settings["job_spec"])
     job = dataclasses.replace(job, config={**job.config, **config})
     reporter = _EpochReporter(uri, settings["storage_options"])
     run(job, uri, devices=settings["devices"], epochs=settings["epochs"], resources=settings["resources"],
@@ -237,7 +238,8 @@ def sweep(
     """
     from ray import tune
 
-    from cluster_trainer.ray_runner import _job_spec, connect, disconnect
+    from cluster_trainer.on_ray.actor import job_spec
+    from cluster_trainer.on_ray.connection import connect, disconnect
     from cluster_trainer.storage import Storage
 
     echo = echo or (lambda message: print(f"cluster-trainer: {message}", file=sys.stderr, flush=True))
@@ -257,7 +259,7 @@ def sweep(
     connected = connect(address, echo)
     try:
         settings = {
-            "sweep_uri": sweep_uri, "job_spec": _job_spec(job, _working_dir()), "devices": devices, "epochs": epochs,
+            "sweep_uri": sweep_uri, "job_spec": job_spec(job, _working_dir()), "devices": devices, "epochs": epochs,
             "resources": resources or job.resources, "max_failures": max_failures, "storage_options": options,
         }
         # The trial function only drives: its actor needs next to nothing; the training actor asks for the job's resources.

@@ -1,0 +1,70 @@
+"""Preemption notice sources inside a Ray actor (`cluster_trainer.preemption.NoticeSource`).
+
+- `RayDrainNotice`: the actor's node is being drained (a spot VM's shutdown, a
+  Kubernetes pod being deleted: `ray start --block` drains its node with reason
+  PREEMPTION on SIGTERM; the autoscaler and `ray drain-node` drain too).
+- `DriverStop`: the driver asked the actor to stop (Ctrl-C or SIGTERM of the
+  driver, e.g. `ray job stop`).
+
+A Ray actor never gets a usable SIGTERM (when a node stops, Ray drains it and
+then sends SIGTERM and SIGKILL to its workers in the same millisecond), so the
+loop runs with `handle_signals=False` in an actor and polls these instead.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+
+from cluster_trainer.on_ray import private
+
+
+class RayDrainNotice:
+    """A preemption notice source for a Ray actor: its node is being drained.
+
+    `poll()` returns the seconds left before the drain's deadline, `math.inf`
+    for a drain without one (the loop then uses its grace period,
+    `CLUSTER_TRAINER_GRACE_SECONDS`), or None while the node is not draining.
+    Whatever the reason of the drain, the node is going away: the loop commits
+    at the next batch boundary and stops.
+
+    Example (inside an actor):
+        >>> notice = RayDrainNotice()        # doctest: +SKIP
+        >>> notice.poll()                     # doctest: +SKIP
+        >>> # ray drain-node --node-id <this node> --reason DRAIN_NODE_REASON_PREEMPTION \\
+        >>> #     --reason-message spot --deadline-remaining-seconds 30
+        >>> notice.poll()                     # doctest: +SKIP
+        29.4
+    """
+
+    def __init__(self, node_id: str | None = None):
+        if node_id is None:
+            import ray
+
+            node_id = ray.get_runtime_context().get_node_id()
+        self.node_id = node_id
+        self.name = f"Ray drain of node {node_id[:8]}"
+
+    def poll(self) -> float | None:
+        deadline_ms = private.draining_nodes().get(self.node_id)
+        if deadline_ms is None:
+            return None
+        if not deadline_ms:
+            return math.inf
+        return deadline_ms / 1000.0 - time.time()
+
+
+class DriverStop:
+    """A notice source the driver sets through the actor (Ctrl-C or SIGTERM of the driver)."""
+
+    def __init__(self):
+        self.name = "stop requested by the driver"
+        self._requested = threading.Event()
+
+    def request(self, reason: str) -> None:
+        self.name = f"{reason} of the driver"
+        self._requested.set()
+
+    def poll(self) -> float | None:
+        return math.inf if self._requested.is_set() else None
