@@ -228,6 +228,10 @@ def main(argv: list[str] | None = None) -> int:
             native = import_tensorflow_quietly()
             if "cuInit" in native or "Could not find cuda drivers" in native:
                 package_log.debug("TensorFlow found no usable CUDA driver; running on CPU")
+        if args.command in ("run", "export", "sweep"):
+            from cluster_trainer.keras_compat import check_versions
+
+            check_versions()  # before the job file imports Keras
         commands = {"run": _run, "status": _status, "history": _history, "export": _export, "sweep": _sweep,
                     "sweep-status": _sweep_status}
         return commands[args.command](args)

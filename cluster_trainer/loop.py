@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence
 import keras
 import tensorflow as tf
 
-from cluster_trainer import callback_state
+from cluster_trainer import callback_state, keras_compat
 from cluster_trainer.checkpoint import Checkpoint, CheckpointStore, CheckpointWriter, register_attempt
 from cluster_trainer.data import as_source
 from cluster_trainer.devices import enable_determinism, make_strategy
@@ -115,6 +115,7 @@ def train(
         >>> result.history["val_loss"][-1]                          # doctest: +SKIP
     """
     echo = echo or (lambda message: print(f"cluster-trainer: {message}", file=sys.stderr, flush=True))
+    keras_compat.check_versions()
     if epochs is not None:
         job = dataclasses.replace(job, epochs=epochs)
     if verbose == "auto":
@@ -155,7 +156,7 @@ def build_compiled_model(job: Job, strategy: tf.distribute.Strategy, train_sourc
                 "steps here; compile with steps_per_execution=1"
             )
         first = next(iter(train_source.epoch_dataset(0, job.seed, job.batch_size)))
-        model._symbolic_build(data_batch=first)
+        keras_compat.symbolic_build(model, first)
     return model
 
 
@@ -233,9 +234,7 @@ class _Run:
         A `final_flush` (preemption: training stops here) takes the variables without a copy of
         their own and leaves pruning old checkpoints to the next attempt.
         """
-        flush = getattr(self.callbacks, "_flush_futures", None)
-        if flush is not None:  # async batch-end callbacks must have run before their state is read
-            flush()
+        keras_compat.flush_async_callbacks(self.callbacks)  # their state is read below
         copy_started = time.perf_counter()
         self.position.stop_training = bool(self.model.stop_training)
         if self._last_logs is not None:
@@ -335,7 +334,7 @@ class _Run:
                 self.recorder.begin_epoch(epoch)
                 self.callbacks.on_epoch_begin(epoch)
             logs = self._train_epoch(epoch)
-            epoch_logs = dict(self.model._get_metrics_result_or_logs(logs or {}))
+            epoch_logs = dict(keras_compat.metrics_result_or_logs(self.model, logs or {}))
             if self.val_source is not None:
                 epoch_logs.update({f"val_{k}": v for k, v in self._evaluate().items()})
             self.callbacks.on_epoch_end(epoch, epoch_logs)
@@ -408,7 +407,7 @@ class _Run:
             batch += 1
             if self.model.stop_evaluating:
                 break
-        logs = _pythonify(self.model._get_metrics_result_or_logs(logs))
+        logs = _pythonify(keras_compat.metrics_result_or_logs(self.model, logs))
         self.callbacks.on_test_end(logs)
         return logs
 
@@ -485,6 +484,4 @@ def _run_step(function: Callable, iterator) -> dict | None:
 def _pythonify(logs: Any) -> dict | None:
     if logs is None:
         return None
-    from keras.src.utils.python_utils import pythonify_logs
-
-    return pythonify_logs(logs)
+    return keras_compat.pythonify_logs(logs)

@@ -31,8 +31,7 @@ from typing import Any
 import keras
 import numpy as np
 import tensorflow as tf
-from tensorflow.python.distribute import values as tf_distribute_values  # SyncOnReadVariable
-
+from cluster_trainer import keras_compat
 from cluster_trainer.errors import StateMismatchError
 
 _AUTO_NAME_SUFFIX = re.compile(r"_\d+(?=_|/|$)")
@@ -60,19 +59,6 @@ def _variable_groups(model) -> dict[str, list]:
     }
 
 
-def _backing(variable):
-    """The backend variable behind a Keras variable (a tf.Variable or distributed one)."""
-    return getattr(variable, "_value", variable)
-
-
-def _replica_parts(variable) -> list | None:
-    """The per-replica components of a SyncOnRead variable, else None."""
-    backing = _backing(variable)
-    if isinstance(backing, tf_distribute_values.SyncOnReadVariable):
-        return list(backing.values)
-    return None
-
-
 def _describe(model) -> list[dict]:
     entries = []
     for group, variables in _variable_groups(model).items():
@@ -93,10 +79,10 @@ def _describe(model) -> list[dict]:
 def _components(variable) -> list:
     """The plain variables to read for `variable`: each replica's part of a SyncOnRead variable,
     the primary replica of a mirrored one, else the variable itself."""
-    parts = _replica_parts(variable)
+    parts = keras_compat.sync_on_read_parts(variable)
     if parts is not None:
         return parts
-    backing = _backing(variable)
+    backing = keras_compat.backing_variable(variable)
     return [getattr(backing, "primary", backing)]
 
 
@@ -154,7 +140,7 @@ def capture_model_state(model, copy: bool = True) -> tuple[dict[str, np.ndarray]
     as_array = np.array if copy else np.asarray
     tensors: dict[str, np.ndarray] = {}
     for entry, variable, values in zip(entries, variables, _read_all(model, variables)):
-        if _replica_parts(variable) is not None:
+        if keras_compat.sync_on_read_parts(variable) is not None:
             tensors[entry["key"]] = np.stack([np.asarray(v) for v in values])  # a new array
             entry["replicas"] = len(values)
         else:
@@ -206,7 +192,7 @@ def restore_model_state(model, tensors: dict[str, np.ndarray], index: list[dict]
         variable = entry["variable"]
         value = tensors[entry["key"]]
         replicas = stored_by_key[entry["key"]].get("replicas")
-        parts = _replica_parts(variable)
+        parts = keras_compat.sync_on_read_parts(variable)
         if replicas is None:
             variable.assign(value)
         elif parts is not None and len(parts) == replicas:
@@ -227,8 +213,6 @@ def _aggregate(variable, per_replica: np.ndarray) -> np.ndarray:
 
 def capture_rng_state() -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Process-global RNG state: Python's, NumPy's and Keras's global SeedGenerator."""
-    from keras.src.backend.common import global_state
-
     tensors = {}
     kind, keys, pos, has_gauss, cached = np.random.get_state()
     tensors[_NUMPY_RNG_KEY] = np.asarray(keys)
@@ -236,15 +220,13 @@ def capture_rng_state() -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         "python": _listify(random.getstate()),
         "numpy": {"kind": kind, "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
     }
-    generator = global_state.get_global_attribute("global_seed_generator")
+    generator = keras_compat.global_seed_generator(create=False)
     if generator is not None:
         tensors[_KERAS_GLOBAL_RNG_KEY] = np.asarray(keras.ops.convert_to_numpy(generator.state.value))
     return state, tensors
 
 
 def restore_rng_state(state: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
-    from keras.src.random.seed_generator import global_seed_generator
-
     random.setstate(_tuplify(state["python"]))
     numpy_state = state["numpy"]
     np.random.set_state(
@@ -257,7 +239,7 @@ def restore_rng_state(state: dict[str, Any], tensors: dict[str, np.ndarray]) -> 
         )
     )
     if _KERAS_GLOBAL_RNG_KEY in tensors:
-        global_seed_generator().state.assign(tensors[_KERAS_GLOBAL_RNG_KEY])
+        keras_compat.global_seed_generator().state.assign(tensors[_KERAS_GLOBAL_RNG_KEY])
 
 
 def _listify(value):

@@ -40,6 +40,15 @@ def test_bad_input_is_one_line_and_exit_code_2(args, message, tmp_path):
     assert message in lines[0]
 
 
+def test_a_keras_backend_other_than_tensorflow_is_refused_in_one_line_before_the_job_loads(tmp_path):
+    result = cli("run", MLP, "--storage", str(tmp_path / "run"), "--no-ray", KERAS_BACKEND="numpy")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "cluster-trainer: error: Keras is set to the 'numpy' backend; cluster-trainer drives TensorFlow's "
+        "distribution strategies: set KERAS_BACKEND=tensorflow (or \"backend\": \"tensorflow\" in ~/.keras/keras.json)"]
+    assert not (tmp_path / "run").exists()
+
+
 def test_job_file_without_job_names_the_fix(tmp_path):
     job = tmp_path / "empty.py"
     job.write_text("x = 1\n")
