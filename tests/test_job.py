@@ -50,7 +50,8 @@ def test_job_validation_names_the_field():
         ct.Job(name="x", build_model=lambda c: None, train_data=data, epochs=0)
     with pytest.raises(JobError, match="build_model must be a function"):
         ct.Job(name="x", build_model="model", train_data=data)
-    with pytest.raises(JobError, match="every_steps must be an integer >= 1, or None; got 0"):
+    with pytest.raises(JobError, match=r'every_steps must be an integer >= 1, "auto" \(paced by what the run '
+                                       r"measures\) or None; got 0"):
         ct.CheckpointPolicy(every_steps=0)
 
 

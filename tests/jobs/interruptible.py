@@ -13,7 +13,7 @@ reference runs too, so both runs have the same callback list.
 to act while the run is training.
 
 `CT_TEST_JOB=mlp|cnn` picks the example job; `CT_TEST_EVERY_STEPS` overrides
-its checkpoint interval.
+its checkpoint interval (a number, or `auto`).
 """
 
 import dataclasses
@@ -88,5 +88,6 @@ job = dataclasses.replace(
     base,
     name=f"{base.name}-test",
     callbacks=callbacks,
-    checkpoint=dataclasses.replace(base.checkpoint, every_steps=int(every)) if every else base.checkpoint,
+    checkpoint=dataclasses.replace(base.checkpoint, every_steps=every if every == "auto" else int(every))
+    if every else base.checkpoint,
 )
