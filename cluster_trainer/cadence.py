@@ -193,8 +193,9 @@ class Cadence:
         self.uptime_before = 0.0  # training time of earlier attempts, as their checkpoints recorded it
         self.interruptions = 0
         self.notices = 0
-        self.saves = 0
-        self.early_saves = 0
+        self.saves = 0  # all the run's attempts (in the lineage of the checkpoint resumed from)
+        self.early_saves = 0  # the same, on early warnings
+        self.attempt_saves = 0
         self.save_seconds_total = 0.0  # this attempt's saves, on the training thread
         self.earlier_attempts: list[dict] = []
         if self.auto:
@@ -284,6 +285,7 @@ class Cadence:
         with self._lock:
             self.last_commit_step = global_step
             self.saves += 1
+            self.attempt_saves += 1
             self.early_saves += early
             if overhead:
                 self._saves.append(seconds)
@@ -342,7 +344,8 @@ class Cadence:
                 "attempt": self.attempt, "step_seconds": m.step_seconds, "save_seconds": m.save_seconds,
                 "commit_seconds": m.commit_seconds, "commit_bytes": self._commits[-1][2] if self._commits else None,
                 "commit_bytes_per_second": estimate[2] if estimate and math.isfinite(estimate[2]) else None,
-                "saves": self.saves, "overhead": self.overhead(),
+                "saves": self.attempt_saves, "save_seconds_total": self.save_seconds_total,
+                "training_seconds": self._clock() - self.started, "overhead": self.overhead(),
             }
         return {
             "policy": self.policy.every_steps,
@@ -371,6 +374,8 @@ class Cadence:
         self.uptime_before = _seconds(stored.get("uptime_seconds")) or 0.0
         self.interruptions = _count(stored.get("interruptions"))
         self.notices = _count(stored.get("notices"))
+        self.saves = _count(stored.get("saves"))
+        self.early_saves = _count(stored.get("early_saves"))
         attempts = stored.get("attempts")
         self.earlier_attempts = [a for a in attempts if isinstance(a, dict)][-ATTEMPTS_KEPT + 1:] \
             if isinstance(attempts, list) else []
