@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 from bench.imds import RebalanceServer
-from bench.preemption import schedule
+from bench.preemption import RerunResult, schedule
 from bench.procs import Training, child_env, cluster_trainer_command
 from cluster_trainer.checkpoint import CheckpointStore
 from cluster_trainer.job import CheckpointPolicy
@@ -106,16 +106,9 @@ def speed_table(result: dict) -> str:
 
 
 @dataclasses.dataclass
-class PolicyRun:
-    method: str
+class PolicyRun(RerunResult):
     every: str  # what the run was given
-    attempts: list[tuple[int, int]]  # (first step trained, last step reached), per process
     cadence: dict  # the final checkpoint's cadence state
-    warned: bool
-
-    @property
-    def reruns(self) -> list[int]:
-        return [self.attempts[i][1] - self.attempts[i + 1][0] for i in range(len(self.attempts) - 1)]
 
     @property
     def step_seconds(self) -> float:
@@ -157,6 +150,7 @@ def run_policy(method: str, every: str, points: list[int], steps_per_epoch: int,
         command += ["--notice", "aws"]
         env["AWS_EC2_METADATA_SERVICE_ENDPOINT"] = imds.url
     attempts = []
+    started = time.perf_counter()
     for number, point in enumerate([*points, None]):
         signal_env = {"BENCH_SIGNAL_AT": f"SIGKILL:{point}"} if point is not None else {}
         if imds is not None:
@@ -177,7 +171,7 @@ def run_policy(method: str, every: str, points: list[int], steps_per_epoch: int,
             raise RuntimeError(f"{method}, attempt {number + 1}: exit {code}, progress {progress}:\n{run.tail()}")
         attempts.append(progress[:2])
     cadence = CheckpointStore(Storage(uri)).load_latest().state["cadence"]
-    return PolicyRun(method, every, attempts, cadence, imds is not None)
+    return PolicyRun(method, steps_per_epoch, points, attempts, time.perf_counter() - started, every, cadence)
 
 
 def run_reruns(steps_per_epoch: int, megabytes: int, kills: int, seed: int, methods: list[str],

@@ -186,6 +186,7 @@ class Cadence:
         self._saves: collections.deque[float] = collections.deque(maxlen=SAVE_WINDOW)
         self._commits: collections.deque[tuple[float, float, int]] = collections.deque(maxlen=COMMIT_WINDOW)
         self._first_step = True
+        self._commit_measured = False  # a commit finished since the flush was last checked against the windows
         self.deadline = FlushDeadline(windows)
         self.attempt: int | None = None
         self.started = clock()
@@ -268,19 +269,27 @@ class Cadence:
             self._decide(learned=True)
 
     def step_done(self, seconds: float) -> None:
-        """A training step took `seconds` (callbacks included); the attempt's first, which traces, is left out."""
+        """A training step took `seconds` (callbacks included); the attempt's first, which traces, is left out.
+
+        After a commit finished, checks that a flush still fits the notice windows.
+        """
         if self._first_step:
             self._first_step = False
             return
         with self._lock:
             self._steps.append(seconds)
+            check, self._commit_measured = self._commit_measured, False
+        estimate = self.flush_estimate() if check else None
+        if estimate is not None:
+            message = self.deadline.check(*estimate)
+            if message:
+                self._echo(message)
 
     def saved(self, global_step: int, seconds: float, overhead: bool = True, early: bool = False) -> None:
         """A commit was queued after `global_step`; it cost the training thread `seconds`.
 
         `overhead=False` for saves that do not slow training down (the final
-        save, a preemption flush). Decides the interval again, and checks that a
-        flush still fits the notice windows.
+        save, a preemption flush). Decides the interval again.
         """
         with self._lock:
             self.last_commit_step = global_step
@@ -291,11 +300,6 @@ class Cadence:
                 self._saves.append(seconds)
                 self.save_seconds_total += seconds
         self._decide()
-        estimate = self.flush_estimate()
-        if estimate is not None:
-            message = self.deadline.check(*estimate)
-            if message:
-                self._echo(message)
 
     def committed(self, report) -> None:
         """A background commit finished (`CommitReport`); called on the writer's thread."""
@@ -303,6 +307,7 @@ class Cadence:
         flush_like = total - report.seconds.get("prune", 0.0)  # a preemption flush does not prune
         with self._lock:
             self._commits.append((total, flush_like, report.nbytes))
+            self._commit_measured = True
 
     # -- what it knows ----------------------------------------------------------------------
 

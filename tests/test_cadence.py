@@ -8,6 +8,7 @@ S3 behind a proxy that slows every request, with `every_steps="auto"`.
 
 import dataclasses
 import math
+import re
 
 import numpy as np
 import pytest
@@ -213,6 +214,21 @@ def test_a_notice_closer_than_a_flush_says_so_and_still_commits():
     assert late_notice_warning(30.0, 9.5, None) is None and late_notice_warning(3.0, None, None) is None
 
 
+def test_a_run_says_at_the_step_after_its_first_measured_commit_that_a_flush_does_not_fit_and_only_once():
+    said = []
+    cadence = Cadence(CheckpointPolicy(every_steps="auto"), windows=notice_windows(0.5), echo=said.append)
+    cadence.begin(attempt=1, global_step=0)
+    for _ in range(3):
+        cadence.step_done(0.1)
+    cadence.committed(report(2.0, nbytes=50_000_000))  # on the writer's thread
+    assert said == []
+    cadence.step_done(0.1)
+    assert len(said) == 1 and said[0].startswith("warning: a flush of 50.0 MB would take ~2.1 s at the measured 25.0 MB/s")
+    cadence.committed(report(2.1, nbytes=50_000_000))
+    cadence.step_done(0.1)
+    assert len(said) == 1
+
+
 def test_the_flush_estimate_comes_from_the_measured_commits_without_pruning():
     cadence = Cadence(CheckpointPolicy(every_steps=8), windows=[Window("GKE spot", 1.0, "raise it")])
     cadence.begin(attempt=1, global_step=0)
@@ -296,7 +312,10 @@ def test_auto_saves_less_often_on_a_slow_store_more_often_on_local_disk_and_with
     assert per_save > BUDGET * min(fast_stats["step_seconds"], 1.0), summary
     # ... and the run kept what saves cost the training thread under it.
     assert fast_stats["overhead"] <= BUDGET and slow_stats["overhead"] <= BUDGET, summary
-    # A flush to the slow store does not fit a 0.5 s grace period, and the run said so once; locally, 30 s is plenty.
+    # A flush to the slow store does not fit a 0.5 s grace period: the run says so, and again only when the
+    # flush has grown by half; locally, 30 s is plenty and nothing is said.
     warnings = [m for m in slow_said if m.startswith("warning: a flush of")]
-    assert len(warnings) == 1 and "the grace period (CLUSTER_TRAINER_GRACE_SECONDS) gives 0.5 s" in warnings[0], summary
+    assert warnings and all("the grace period (CLUSTER_TRAINER_GRACE_SECONDS) gives 0.5 s" in m for m in warnings)
+    flushes = [float(re.search(r"would take ~([\d.]+) s", m)[1]) for m in warnings]
+    assert all(later >= 1.5 * earlier for earlier, later in zip(flushes, flushes[1:])), summary
     assert not [m for m in fast_said if "flush" in m], summary

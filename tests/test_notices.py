@@ -4,6 +4,7 @@ The metadata servers are real HTTP servers on loopback that answer like GCE's
 and EC2's (IMDSv2: a session token first); the runs are real processes.
 """
 
+import contextlib
 import http.server
 import json
 import re
@@ -99,6 +100,17 @@ def metadata():
     server = MetadataServer()
     yield server
     server.stop()
+
+
+@contextlib.contextmanager
+def _killed_unless_exited(process):
+    """Whatever fails in the block, the training process does not outlive it."""
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 def _seen_within(watcher: PreemptionWatcher, server: MetadataServer, limit: float) -> float:
@@ -206,13 +218,9 @@ def test_a_metadata_notice_flushes_the_run_at_a_batch_boundary(cloud, metadata, 
     env = {"GCE_METADATA_HOST": metadata.host, "AWS_EC2_METADATA_SERVICE_ENDPOINT": f"http://{metadata.host}",
            "CT_TEST_STEP_SLEEP": "0.03", "CLUSTER_TRAINER_GRACE_SECONDS": "20"}
     process, log = start_training(storage, "--notice", cloud, **env)
-    try:
+    with _killed_unless_exited(process):
         metadata.preempt()
         process.wait(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
     output = log.read_text()
     assert process.returncode == EXIT_PREEMPTED, output
     source = {"gce": "GCE metadata", "aws": "AWS spot instance-action"}[cloud]
@@ -294,17 +302,13 @@ def test_an_ec2_rebalance_recommendation_saves_once_trains_on_and_the_notice_aft
     env = {"AWS_EC2_METADATA_SERVICE_ENDPOINT": f"http://{metadata.host}", "CT_TEST_STEP_SLEEP": "0.05",
            "CT_TEST_EVERY_STEPS": "100000"}
     process, log = start_training(storage, "--notice", "aws", **env)
-    try:
+    with _killed_unless_exited(process):
         metadata.rebalance = "2026-12-01T10:00:00Z"
         wait_until(lambda: "early warning" in log.read_text() or process.poll() is not None, "the early save")
         time.sleep(2.5)  # the recommendation stands, polled again and again; training goes on
         assert process.poll() is None, log.read_text()[-3000:]
         metadata.preempt()
         process.wait(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
     output = log.read_text()
     assert process.returncode == EXIT_PREEMPTED, output[-3000:]
     early = re.findall(r"early warning \(AWS spot instance-action: EC2 rebalance recommendation of "
