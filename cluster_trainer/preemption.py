@@ -294,16 +294,16 @@ class GceMetadataNotice:
     window_seconds = 30.0
     window_fix = "Compute Engine stops a spot VM 30 s after its notice, and that cannot be raised"
 
+    def __init__(self, host: str | None = None, timeout: float = 2.0):
+        self.base = f"http://{host or os.environ.get('GCE_METADATA_HOST', 'metadata.google.internal')}"
+        self.timeout = timeout
+        self._maintenance = "NONE"
+
     def _get(self, path: str) -> str:
         request = urllib.request.Request(f"{self.base}/computeMetadata/v1/instance/{path}",
                                          headers={"Metadata-Flavor": "Google"})
         with urllib.request.urlopen(request, timeout=self.timeout) as response:
             return response.read().decode().strip()
-
-    def __init__(self, host: str | None = None, timeout: float = 2.0):
-        self.base = f"http://{host or os.environ.get('GCE_METADATA_HOST', 'metadata.google.internal')}"
-        self.timeout = timeout
-        self._maintenance = "NONE"
 
     def poll(self) -> float | None:
         if self._get("preempted").upper() == "TRUE":
@@ -378,7 +378,7 @@ class AwsSpotNotice:
         recommendation = self._get_json("events/recommendations/rebalance")
         if recommendation is None:
             return None
-        return f"EC2 rebalance recommendation of {recommendation.get('noticeTime', 'unknown time')}"
+        return f"EC2 rebalance recommendation of {str(recommendation.get('noticeTime', 'unknown time'))[:40]}"
 
 
 def notice_sources(specs: Sequence[str]) -> list[NoticeSource]:
