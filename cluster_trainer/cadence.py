@@ -4,10 +4,13 @@
 is chosen, in `choose_interval`, from four measurements, as the largest of
 three lower bounds:
 
-- **budget**: a save costs the training thread its host copy plus any wait for
-  the background writer (`save_seconds`). Saving every `T` seconds of training
-  costs `save_seconds / T` of it; `T` is at least `save_seconds / max_overhead`
-  (aiming at `HEADROOM` of the budget, so that noise does not push past it).
+- **budget**: a save costs training its host copy plus any wait for the
+  background writer, on the training thread (`save_seconds`), and the steps
+  that run slower while the writer uploads, sharing the CPU and memory with
+  them (`slowdown_seconds`: steps with a commit in flight against steps
+  without). Saving every `T` seconds of training costs `cost / T` of it; `T`
+  is at least `cost / max_overhead` (aiming at `HEADROOM` of the budget, so
+  that noise does not push past it).
 - **writer**: a commit takes `commit_seconds` on this store, in the
   background; with `max_in_flight` commits at once, `T` is at least
   `WRITER_MARGIN * commit_seconds / max_in_flight`, so saves do not queue
@@ -54,7 +57,8 @@ from cluster_trainer.job import CheckpointPolicy
 HEADROOM = 0.8  # aim at 80% of the overhead budget: the measurements are noisy
 WRITER_MARGIN = 1.25  # commits must finish this much faster than they are queued
 FIRST_SAVE_STEPS = 3  # before any measurement: save after this many steps (the first one traces)
-STEP_WINDOW = 64  # recent steps whose median is the step time
+STEP_WINDOW = 64  # recent steps whose median is the step time (with and without a commit in flight)
+MIN_SAMPLES = 3  # steps of each kind before a slowdown is measured
 SAVE_WINDOW = 16  # recent saves whose mean is the cost of a save
 COMMIT_WINDOW = 3  # recent commits whose median is the commit time: two slow ones move it
 ATTEMPTS_KEPT = 20  # per-attempt summaries kept in the checkpoint
@@ -68,9 +72,12 @@ class Measurements:
     """What the pacing decision is made from (seconds; None: not measured yet).
 
     Attributes:
-        step_seconds: a training step (the median of recent ones).
+        step_seconds: a training step (the median of recent ones without a commit in flight).
         save_seconds: what a save costs the training thread: the host copy plus
             any wait for the writer (the mean of recent saves).
+        slowdown_seconds: what a commit in flight costs the steps that run
+            meanwhile, in all (their median excess over a step, times the steps
+            a commit lasts, at least one).
         commit_seconds: a commit in the background, on this store (recent mean).
         uptime_seconds: training time of all the run's attempts.
         interruptions: attempts that ended without notice (killed, lost, failed).
@@ -79,6 +86,7 @@ class Measurements:
 
     step_seconds: float | None = None
     save_seconds: float | None = None
+    slowdown_seconds: float = 0.0
     commit_seconds: float | None = None
     uptime_seconds: float = 0.0
     interruptions: int = 0
@@ -126,7 +134,7 @@ def choose_interval(m: Measurements, max_overhead: float) -> Interval:
     if m.step_seconds is None or m.save_seconds is None:
         return Interval(FIRST_SAVE_STEPS, "first save", "a first save measures what saving costs here")
     step = max(m.step_seconds, 1e-6)
-    cost = m.save_seconds
+    cost = m.save_seconds + m.slowdown_seconds
     between = m.uptime_seconds / (m.interruptions + 1)
     bounds = {
         "budget": cost / (max_overhead * HEADROOM),
@@ -137,8 +145,11 @@ def choose_interval(m: Measurements, max_overhead: float) -> Interval:
     steps = max(1, math.ceil(bounds[reason] / step - 1e-9))
     seconds = steps * step
     if reason == "budget":
-        why = (f"a save costs the training thread {_duration(cost)} (host copy and any wait for the writer); at "
-               f"{_duration(step)} a step, every {steps} steps keeps saving under {max_overhead:.0%} of training time")
+        what = f"{_duration(m.save_seconds)} on the training thread (host copy and any wait for the writer)"
+        if m.slowdown_seconds:
+            what += f" and {_duration(m.slowdown_seconds)} of slower steps while it uploads"
+        why = (f"a save costs training {what}; at {_duration(step)} a step, every {steps} steps keeps saving under "
+               f"{max_overhead:.0%} of training time")
     elif reason == "writer":
         why = (f"a commit takes {_duration(m.commit_seconds)} on this store; every {steps} steps the writer keeps up "
                f"({m.max_in_flight} commit{'s' if m.max_in_flight > 1 else ''} in flight)")
@@ -170,7 +181,7 @@ class Cadence:
         ...     cadence.step_done(0.02)
         >>> now[0] = 0.1
         >>> cadence.saved(3, seconds=0.012)
-        checkpoints every 25 steps (~500 ms): a save costs the training thread 12 ms ...
+        checkpoints every 25 steps (~500 ms): a save costs training 12 ms on the training thread ...
         >>> cadence.due(27), cadence.due(28)
         (False, True)
     """
@@ -182,7 +193,9 @@ class Cadence:
         self._echo = echo or (lambda message: None)
         self._clock = clock
         self._lock = threading.Lock()  # commits are measured on the writer's thread
-        self._steps: collections.deque[float] = collections.deque(maxlen=STEP_WINDOW)
+        self._steps: collections.deque[float] = collections.deque(maxlen=STEP_WINDOW)  # no commit in flight
+        self._busy_steps: collections.deque[float] = collections.deque(maxlen=STEP_WINDOW)  # a commit in flight
+        self._busy_total = [0, 0.0]  # this attempt's steps with a commit in flight: count, seconds
         self._saves: collections.deque[float] = collections.deque(maxlen=SAVE_WINDOW)
         self._commits: collections.deque[tuple[float, float, int]] = collections.deque(maxlen=COMMIT_WINDOW)
         self._first_step = True
@@ -234,10 +247,20 @@ class Cadence:
 
     def measurements(self) -> Measurements:
         with self._lock:
+            step = statistics.median(self._steps) if self._steps else None
+            commit = statistics.median(c[0] for c in self._commits) if self._commits else None
+            slowdown = 0.0
+            if commit and len(self._steps) >= MIN_SAMPLES and len(self._busy_steps) >= MIN_SAMPLES:
+                busy = statistics.median(self._busy_steps)
+                # The excess of each step a commit overlaps: at least the one after the save.
+                slowdown = max(0.0, busy - step) * max(1.0, commit / busy)
+            if step is None and self._busy_steps:
+                step = statistics.median(self._busy_steps)
             return Measurements(
-                step_seconds=statistics.median(self._steps) if self._steps else None,
+                step_seconds=step,
                 save_seconds=statistics.fmean(self._saves) if self._saves else None,
-                commit_seconds=statistics.median(c[0] for c in self._commits) if self._commits else None,
+                slowdown_seconds=slowdown,
+                commit_seconds=commit,
                 uptime_seconds=self.uptime_seconds(),
                 interruptions=self.interruptions,
                 max_in_flight=self.policy.max_in_flight,
@@ -268,16 +291,20 @@ class Cadence:
         if learned:
             self._decide(learned=True)
 
-    def step_done(self, seconds: float) -> None:
-        """A training step took `seconds` (callbacks included); the attempt's first, which traces, is left out.
+    def step_done(self, seconds: float, busy: bool = False) -> None:
+        """A training step took `seconds` (callbacks included), `busy`: with a commit in flight.
 
-        After a commit finished, checks that a flush still fits the notice windows.
+        The attempt's first step, which traces, is left out. After a commit
+        finished, checks that a flush still fits the notice windows.
         """
         if self._first_step:
             self._first_step = False
             return
         with self._lock:
-            self._steps.append(seconds)
+            (self._busy_steps if busy else self._steps).append(seconds)
+            if busy:
+                self._busy_total[0] += 1
+                self._busy_total[1] += seconds
             check, self._commit_measured = self._commit_measured, False
         estimate = self.flush_estimate() if check else None
         if estimate is not None:
@@ -315,9 +342,14 @@ class Cadence:
         return self.uptime_before + (self._clock() - self.started)
 
     def overhead(self) -> float:
-        """The share of this attempt's training time its saves cost the training thread."""
+        """The share of this attempt's training time its saves cost: on the training thread, and in steps
+        slowed down while commits were in flight (against the median step without one)."""
         elapsed = self._clock() - self.started
-        return self.save_seconds_total / elapsed if elapsed > 0 else 0.0
+        with self._lock:
+            step = statistics.median(self._steps) if self._steps else None
+            count, seconds = self._busy_total
+        slowdown = max(0.0, seconds - count * step) if step is not None else 0.0
+        return (self.save_seconds_total + slowdown) / elapsed if elapsed > 0 else 0.0
 
     def flush_estimate(self) -> tuple[float, int, float] | None:
         """`(seconds, bytes, bytes per second)` a flush would take now, from the measured commits
@@ -343,14 +375,16 @@ class Cadence:
         """
         m = self.measurements()
         estimate = self.flush_estimate()
+        overhead = self.overhead()
         with self._lock:
+            busy_step = statistics.median(self._busy_steps) if self._busy_steps else None
             commit_seconds = statistics.median(c[1] for c in self._commits) if self._commits else None
             this_attempt = {
                 "attempt": self.attempt, "step_seconds": m.step_seconds, "save_seconds": m.save_seconds,
                 "commit_seconds": m.commit_seconds, "commit_bytes": self._commits[-1][2] if self._commits else None,
                 "commit_bytes_per_second": estimate[2] if estimate and math.isfinite(estimate[2]) else None,
                 "saves": self.attempt_saves, "save_seconds_total": self.save_seconds_total,
-                "training_seconds": self._clock() - self.started, "overhead": self.overhead(),
+                "training_seconds": self._clock() - self.started, "overhead": overhead,
             }
         return {
             "policy": self.policy.every_steps,
@@ -358,6 +392,8 @@ class Cadence:
             "interval": self.interval.as_dict(),
             "step_seconds": m.step_seconds,
             "save_seconds": m.save_seconds,
+            "slowdown_seconds": m.slowdown_seconds,
+            "busy_step_seconds": busy_step,
             "commit_seconds": m.commit_seconds,
             "flush_commit_seconds": commit_seconds,
             "commit_bytes": this_attempt["commit_bytes"],
@@ -385,11 +421,14 @@ class Cadence:
         self.earlier_attempts = [a for a in attempts if isinstance(a, dict)][-ATTEMPTS_KEPT + 1:] \
             if isinstance(attempts, list) else []
         step, save = _seconds(stored.get("step_seconds")), _seconds(stored.get("save_seconds"))
+        busy_step = _seconds(stored.get("busy_step_seconds"))
         commit, flush_like = _seconds(stored.get("commit_seconds")), _seconds(stored.get("flush_commit_seconds"))
         nbytes = _count(stored.get("commit_bytes"))
         with self._lock:
-            if step is not None:
-                self._steps.append(step)
+            if step is not None:  # as a few samples, so that a slowdown is known at once
+                self._steps.extend([step] * MIN_SAMPLES)
+            if busy_step is not None:
+                self._busy_steps.extend([busy_step] * MIN_SAMPLES)
             if save is not None:
                 self._saves.append(save)
             if commit is not None:
@@ -412,11 +451,11 @@ def describe_state(stored: dict) -> list[str]:
 
     Example:
         >>> stored = {"policy": "auto", "interval": {"steps": 25, "reason": "budget", "seconds": 0.5,
-        ...           "why": "a save costs the training thread 12 ms"}, "flush_seconds": 0.8, "commit_bytes": 25e6,
+        ...           "why": "a save costs training 12 ms"}, "flush_seconds": 0.8, "commit_bytes": 25e6,
         ...           "windows": [{"name": "the grace period", "seconds": 30.0, "fix": "..."}], "interruptions": 2,
         ...           "notices": 1, "early_saves": 1}
         >>> print("\\n".join(describe_state(stored)))
-        saves      every 25 steps (~500 ms): a save costs the training thread 12 ms (every_steps="auto")
+        saves      every 25 steps (~500 ms): a save costs training 12 ms (every_steps="auto")
         flush      ~0.8 s for 25.0 MB (measured), within the grace period (30 s)
         interrupted 2 times without notice, 1 with notice; 1 early save on a warning
     """

@@ -386,13 +386,13 @@ class _Run:
         iterator = iter(self.strategy.experimental_distribute_dataset(dataset))
         batch = start
         while self.steps_per_epoch is None or batch < self.steps_per_epoch:
-            step_started = time.perf_counter()
+            step_started, uploading = time.perf_counter(), self.writer.in_flight() > 0
             self.callbacks.on_train_batch_begin(batch)
             logs = _run_step(self.model.train_function, iterator)
             if logs is None:
                 break  # an epoch of unknown length ended (fit's first epoch, too, begins this batch first)
             self.callbacks.on_train_batch_end(batch, logs)
-            self.cadence.step_done(time.perf_counter() - step_started)
+            self.cadence.step_done(time.perf_counter() - step_started, busy=uploading)
             batch += 1
             self._last_logs = logs
             self.position = dataclasses.replace(self.position, batch=batch, global_step=self.position.global_step + 1)

@@ -88,13 +88,15 @@ def report(seconds: float, nbytes: int = 25_000_000, prune: float = 0.0) -> Comm
 
 
 def run_steps(cadence: Cadence, clock: Clock, start: int, stop: int, step_seconds: float, save_seconds: float,
-              commit_seconds: float) -> list[int]:
-    """Steps `start+1..stop` of `step_seconds`; the saves `due` asks for cost `save_seconds` and commit in
-    `commit_seconds` in the background. Returns the steps saved at."""
+              commit_seconds: float, busy_extra: float = 0.0) -> list[int]:
+    """Steps `start+1..stop` of `step_seconds` (`busy_extra` more while a commit is in flight); the saves `due`
+    asks for cost `save_seconds` and commit in `commit_seconds` in the background. Returns the steps saved at."""
     saved, in_flight = [], []
     for step in range(start + 1, stop + 1):
-        clock.now += step_seconds
-        cadence.step_done(step_seconds)
+        busy = bool(in_flight)
+        seconds = step_seconds + (busy_extra if busy else 0.0)
+        clock.now += seconds
+        cadence.step_done(seconds, busy=busy)
         for done in [t for t in in_flight if t <= clock.now]:
             in_flight.remove(done)
             cadence.committed(report(commit_seconds))
@@ -121,6 +123,20 @@ def test_a_run_paces_itself_and_says_why_when_the_interval_changes():
     saved = run_steps(cadence, clock, 400, 1400, step_seconds=0.02, save_seconds=0.012, commit_seconds=2.0)
     assert cadence.interval.reason == "writer" and len(said) == 2 and "a commit takes" in said[1]
     assert all(b - a >= 100 for a, b in zip(saved[1:], saved[2:])), saved  # 2 s commits: no save queues behind one
+
+
+def test_steps_slowed_down_while_a_commit_uploads_count_in_what_a_save_costs():
+    clock = Clock()
+    quiet = Cadence(CheckpointPolicy(every_steps="auto"), clock=clock)
+    quiet.begin(attempt=1, global_step=0)
+    run_steps(quiet, clock, 0, 3000, step_seconds=0.02, save_seconds=0.012, commit_seconds=0.2)
+    shared = Cadence(CheckpointPolicy(every_steps="auto"), clock=clock)  # the writer slows steps by half
+    shared.begin(attempt=1, global_step=0)
+    run_steps(shared, clock, 0, 3000, step_seconds=0.02, save_seconds=0.012, commit_seconds=0.2, busy_extra=0.01)
+    assert shared.measurements().slowdown_seconds == pytest.approx(0.01 * 0.2 / 0.03)  # 0.01 s for each step it lasts
+    assert shared.interval.steps > 3 * quiet.interval.steps
+    assert "of slower steps while it uploads" in shared.interval.why
+    assert quiet.overhead() <= BUDGET and shared.overhead() <= BUDGET
 
 
 def test_a_save_due_while_the_writer_is_busy_waits_instead_of_blocking_training():
