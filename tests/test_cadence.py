@@ -9,6 +9,7 @@ S3 behind a proxy that slows every request, with `every_steps="auto"`.
 import dataclasses
 import math
 import re
+import time
 
 import numpy as np
 import pytest
@@ -272,15 +273,21 @@ def test_a_far_drain_deadline_is_first_a_warning_then_the_notice_when_a_flush_wo
 # -- end to end ------------------------------------------------------------------------------------------------
 
 
-STEPS = 600
+STEPS = 500
+ACCELERATOR_STEP = 0.02
 
 
-def _frozen_embedding_job():
-    """A head trained over a frozen embedding: steps of a few ms, a save that costs about as much as one, so
-    saves matter, and a test that stays cheap on a busy machine. No epoch-end saves: the budget is the cadence's."""
+def _job():
+    """A head over a frozen embedding (a 1.3 MB state, a save of a few ms) whose steps also wait 20 ms, as a
+    step on an accelerator leaves the host's CPU free: the writer then shares the CPU with little else, as on
+    a GPU node, and the test costs little CPU on a busy machine. No epoch-end saves: the budget is the cadence's."""
     import keras
 
     import cluster_trainer as ct
+
+    class Accelerator(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            time.sleep(ACCELERATOR_STEP)
 
     def build(config):
         model = keras.Sequential([keras.Input((8,), dtype="int32"), keras.layers.Embedding(5000, 64, trainable=False),
@@ -293,6 +300,7 @@ def _frozen_embedding_job():
     x = rng.integers(0, 5000, size=(32 * STEPS, 8)).astype("int32")
     y = rng.normal(size=(32 * STEPS, 16)).astype("float32")
     return ct.Job(name="embedding", build_model=build, train_data=(x, y), epochs=1, batch_size=32,
+                  callbacks=lambda config: [Accelerator()],
                   checkpoint=ct.CheckpointPolicy(every_steps="auto", every_epoch=False, keep_last=1))
 
 
@@ -304,7 +312,7 @@ def test_auto_saves_less_often_on_a_slow_store_more_often_on_local_disk_and_with
     from faulty_proxy import FaultyProxy
 
     strategy = make_strategy(None)
-    job = _frozen_embedding_job()
+    job = _job()
     fast_said: list[str] = []
     fast = ct.train(job, str(tmp_path / "fast"), strategy=strategy, verbose=0, echo=fast_said.append,
                     handle_signals=False)
@@ -320,13 +328,12 @@ def test_auto_saves_less_often_on_a_slow_store_more_often_on_local_disk_and_with
 
     fast_stats, slow_stats = fast.checkpoint_stats, slow.checkpoint_stats
     summary = f"fast {fast_stats}, slow {slow_stats}\n" + "\n".join(fast_said + slow_said)
-    assert fast.position.global_step == slow.position.global_step == STEPS
+    assert fast.position.global_step == slow.position.global_step == STEPS, summary
     assert slow_stats["interval"] > fast_stats["interval"] and slow_stats["saves"] < fast_stats["saves"], summary
     assert any("checkpoints every" in m and "a commit takes" in m for m in slow_said), summary  # the writer bound
     # Large enough for saves to matter: saving after every step would cost more than the budget ...
-    per_save = fast_stats["host_copy_median_seconds"]
-    assert per_save > BUDGET * min(fast_stats["step_seconds"], 1.0), summary
-    # ... and the run kept what saves cost the training thread under it.
+    assert fast_stats["host_copy_median_seconds"] > BUDGET * fast_stats["step_seconds"], summary
+    # ... and the run kept what saves cost training (its thread, and steps slowed by uploads) under it.
     assert fast_stats["overhead"] <= BUDGET and slow_stats["overhead"] <= BUDGET, summary
     # A flush to the slow store does not fit a 0.5 s grace period: the run says so, and again only when the
     # flush has grown by half; locally, 30 s is plenty and nothing is said.
