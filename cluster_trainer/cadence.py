@@ -7,8 +7,8 @@ three lower bounds:
 - **budget**: a save costs training its host copy plus any wait for the
   background writer, on the training thread (`save_seconds`), and the steps
   that run slower while the writer uploads, sharing the CPU and memory with
-  them (`slowdown_seconds`: steps with a commit in flight against steps
-  without). Saving every `T` seconds of training costs `cost / T` of it; `T`
+  them (`slowdown_seconds`: what the steps run with a commit in flight took
+  beyond the step time measured just before). Saving every `T` seconds of training costs `cost / T` of it; `T`
   is at least `cost / max_overhead` (aiming at `HEADROOM` of the budget, so
   that noise does not push past it).
 - **writer**: a commit takes `commit_seconds` on this store, in the
@@ -57,8 +57,8 @@ from cluster_trainer.job import CheckpointPolicy
 HEADROOM = 0.8  # aim at 80% of the overhead budget: the measurements are noisy
 WRITER_MARGIN = 1.25  # commits must finish this much faster than they are queued
 FIRST_SAVE_STEPS = 3  # before any measurement: save after this many steps (the first one traces)
-STEP_WINDOW = 64  # recent steps whose median is the step time (with and without a commit in flight)
-MIN_SAMPLES = 3  # steps of each kind before a slowdown is measured
+STEP_WINDOW = 64  # recent steps without a commit in flight, whose median is the step time
+MIN_SAMPLES = 3  # steps measured before the slowdown of the steps that share the machine with a commit is
 SAVE_WINDOW = 16  # recent saves whose mean is the cost of a save
 COMMIT_WINDOW = 3  # recent commits whose median is the commit time: two slow ones move it
 ATTEMPTS_KEPT = 20  # per-attempt summaries kept in the checkpoint
@@ -76,8 +76,8 @@ class Measurements:
         save_seconds: what a save costs the training thread: the host copy plus
             any wait for the writer (the mean of recent saves).
         slowdown_seconds: what a commit in flight costs the steps that run
-            meanwhile, in all (their median excess over a step, times the steps
-            a commit lasts, at least one).
+            meanwhile, in all: their time beyond the step time of the moment
+            (the median over recent commits).
         commit_seconds: a commit in the background, on this store (recent mean).
         uptime_seconds: training time of all the run's attempts.
         interruptions: attempts that ended without notice (killed, lost, failed).
@@ -194,8 +194,9 @@ class Cadence:
         self._clock = clock
         self._lock = threading.Lock()  # commits are measured on the writer's thread
         self._steps: collections.deque[float] = collections.deque(maxlen=STEP_WINDOW)  # no commit in flight
-        self._busy_steps: collections.deque[float] = collections.deque(maxlen=STEP_WINDOW)  # a commit in flight
-        self._busy_total = [0, 0.0]  # this attempt's steps with a commit in flight: count, seconds
+        self._slowdowns: collections.deque[float] = collections.deque(maxlen=SAVE_WINDOW)  # per commit
+        self._slowing: float | None = None  # the excess of the steps run so far with the current commit in flight
+        self._slowdown_total = 0.0  # this attempt's
         self._saves: collections.deque[float] = collections.deque(maxlen=SAVE_WINDOW)
         self._commits: collections.deque[tuple[float, float, int]] = collections.deque(maxlen=COMMIT_WINDOW)
         self._first_step = True
@@ -247,20 +248,11 @@ class Cadence:
 
     def measurements(self) -> Measurements:
         with self._lock:
-            step = statistics.median(self._steps) if self._steps else None
-            commit = statistics.median(c[0] for c in self._commits) if self._commits else None
-            slowdown = 0.0
-            if commit and len(self._steps) >= MIN_SAMPLES and len(self._busy_steps) >= MIN_SAMPLES:
-                busy = statistics.median(self._busy_steps)
-                # The excess of each step a commit overlaps: at least the one after the save.
-                slowdown = max(0.0, busy - step) * max(1.0, commit / busy)
-            if step is None and self._busy_steps:
-                step = statistics.median(self._busy_steps)
             return Measurements(
-                step_seconds=step,
+                step_seconds=statistics.median(self._steps) if self._steps else None,
                 save_seconds=statistics.fmean(self._saves) if self._saves else None,
-                slowdown_seconds=slowdown,
-                commit_seconds=commit,
+                slowdown_seconds=max(0.0, statistics.median(self._slowdowns)) if self._slowdowns else 0.0,
+                commit_seconds=statistics.median(c[0] for c in self._commits) if self._commits else None,
                 uptime_seconds=self.uptime_seconds(),
                 interruptions=self.interruptions,
                 max_in_flight=self.policy.max_in_flight,
@@ -301,10 +293,14 @@ class Cadence:
             self._first_step = False
             return
         with self._lock:
-            (self._busy_steps if busy else self._steps).append(seconds)
-            if busy:
-                self._busy_total[0] += 1
-                self._busy_total[1] += seconds
+            if not busy:
+                if self._slowing is not None:  # the commit those steps shared the machine with is done
+                    self._slowdowns.append(self._slowing)
+                    self._slowdown_total += self._slowing
+                    self._slowing = None
+                self._steps.append(seconds)
+            elif len(self._steps) >= MIN_SAMPLES:  # against the step time of the moment, not of another load
+                self._slowing = (self._slowing or 0.0) + seconds - statistics.median(self._steps)
             check, self._commit_measured = self._commit_measured, False
         estimate = self.flush_estimate() if check else None
         if estimate is not None:
@@ -346,9 +342,7 @@ class Cadence:
         slowed down while commits were in flight (against the median step without one)."""
         elapsed = self._clock() - self.started
         with self._lock:
-            step = statistics.median(self._steps) if self._steps else None
-            count, seconds = self._busy_total
-        slowdown = max(0.0, seconds - count * step) if step is not None else 0.0
+            slowdown = max(0.0, self._slowdown_total + (self._slowing or 0.0))
         return (self.save_seconds_total + slowdown) / elapsed if elapsed > 0 else 0.0
 
     def flush_estimate(self) -> tuple[float, int, float] | None:
@@ -377,7 +371,6 @@ class Cadence:
         estimate = self.flush_estimate()
         overhead = self.overhead()
         with self._lock:
-            busy_step = statistics.median(self._busy_steps) if self._busy_steps else None
             commit_seconds = statistics.median(c[1] for c in self._commits) if self._commits else None
             this_attempt = {
                 "attempt": self.attempt, "step_seconds": m.step_seconds, "save_seconds": m.save_seconds,
@@ -393,7 +386,6 @@ class Cadence:
             "step_seconds": m.step_seconds,
             "save_seconds": m.save_seconds,
             "slowdown_seconds": m.slowdown_seconds,
-            "busy_step_seconds": busy_step,
             "commit_seconds": m.commit_seconds,
             "flush_commit_seconds": commit_seconds,
             "commit_bytes": this_attempt["commit_bytes"],
@@ -421,14 +413,14 @@ class Cadence:
         self.earlier_attempts = [a for a in attempts if isinstance(a, dict)][-ATTEMPTS_KEPT + 1:] \
             if isinstance(attempts, list) else []
         step, save = _seconds(stored.get("step_seconds")), _seconds(stored.get("save_seconds"))
-        busy_step = _seconds(stored.get("busy_step_seconds"))
+        slowdown = _seconds(stored.get("slowdown_seconds"))
         commit, flush_like = _seconds(stored.get("commit_seconds")), _seconds(stored.get("flush_commit_seconds"))
         nbytes = _count(stored.get("commit_bytes"))
         with self._lock:
-            if step is not None:  # as a few samples, so that a slowdown is known at once
+            if step is not None:  # as a few samples, so that the next slowdown is measured at once
                 self._steps.extend([step] * MIN_SAMPLES)
-            if busy_step is not None:
-                self._busy_steps.extend([busy_step] * MIN_SAMPLES)
+            if slowdown is not None:
+                self._slowdowns.append(slowdown)
             if save is not None:
                 self._saves.append(save)
             if commit is not None:

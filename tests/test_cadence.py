@@ -134,10 +134,20 @@ def test_steps_slowed_down_while_a_commit_uploads_count_in_what_a_save_costs():
     shared = Cadence(CheckpointPolicy(every_steps="auto"), clock=clock)  # the writer slows steps by half
     shared.begin(attempt=1, global_step=0)
     run_steps(shared, clock, 0, 3000, step_seconds=0.02, save_seconds=0.012, commit_seconds=0.2, busy_extra=0.01)
-    assert shared.measurements().slowdown_seconds == pytest.approx(0.01 * 0.2 / 0.03)  # 0.01 s for each step it lasts
+    # A 0.2 s commit overlaps 7 steps of 30 ms, each 10 ms slower than the steps before it.
+    assert shared.measurements().slowdown_seconds == pytest.approx(7 * 0.01)
     assert shared.interval.steps > 3 * quiet.interval.steps
     assert "of slower steps while it uploads" in shared.interval.why
     assert quiet.overhead() <= BUDGET and shared.overhead() <= BUDGET
+
+
+def test_a_machine_that_gets_busier_for_every_step_is_not_taken_for_a_slowdown_by_commits():
+    clock = Clock()
+    cadence = Cadence(CheckpointPolicy(every_steps="auto"), clock=clock)
+    cadence.begin(attempt=1, global_step=0)
+    run_steps(cadence, clock, 0, 1500, step_seconds=0.02, save_seconds=0.012, commit_seconds=0.2)
+    run_steps(cadence, clock, 1500, 4000, step_seconds=0.04, save_seconds=0.012, commit_seconds=0.2)  # more load
+    assert cadence.measurements().slowdown_seconds == 0.0 and cadence.measurements().step_seconds == 0.04
 
 
 def test_a_save_due_while_the_writer_is_busy_waits_instead_of_blocking_training():
