@@ -239,6 +239,9 @@ class Cadence:
             return self.policy.due_at_step(global_step)
         if global_step - self.last_commit_step < self.interval.steps or in_flight >= self.policy.max_in_flight:
             return False
+        self._decide()  # with what the commits finished since the last save measured
+        if global_step - self.last_commit_step < self.interval.steps:
+            return False
         if epoch_commit_in is not None:
             m = self.measurements()
             if m.step_seconds and m.commit_seconds and \

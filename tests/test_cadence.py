@@ -166,7 +166,7 @@ def test_a_save_that_would_still_be_uploading_at_the_epoch_end_commit_is_left_to
     run_steps(cadence, clock, 0, 10, step_seconds=0.02, save_seconds=0.012, commit_seconds=1.0)
     clock.now += 2.0
     cadence.committed(report(1.0))
-    step = cadence.last_commit_step + cadence.interval.steps
+    step = cadence.last_commit_step + 100  # past the writer bound: 1.25 * 1.0 s = 63 steps of 0.02 s
     assert cadence.due(step, epoch_commit_in=None) and cadence.due(step, epoch_commit_in=70)  # 1.4 s > 1.25 s
     assert not cadence.due(step, epoch_commit_in=60)  # 1.2 s: the epoch-end commit would wait for this one
 
