@@ -23,6 +23,11 @@ What is used, and why:
   reported metric in the last digit).
 - `CallbackList._flush_futures`: Keras runs batch-end callbacks asynchronously
   for some callbacks; their state is read only once they have run.
+- `keras.src.backend.common.global_state.GLOBAL_STATE_TRACKER` and the module
+  settings of `keras.src.backend.config`: what a process that trains one run
+  after another (a warm sweep worker) snapshots and puts back between runs, so
+  a run in a reused process is bitwise the run of a fresh one
+  (`process_state_snapshot`, `restore_process_state`).
 """
 
 from __future__ import annotations
@@ -123,3 +128,71 @@ def flush_async_callbacks(callbacks) -> None:
     flush = getattr(callbacks, "_flush_futures", None)
     if flush is not None:
         flush()
+
+
+# -- a process that trains one run after another (warm sweep workers) -----------------------------
+
+# Keras settings kept as module globals of keras.src.backend.config, each with its public getter and setter.
+_CONFIG_SETTINGS = ("floatx", "epsilon", "image_data_format", "max_epochs", "max_steps_per_epoch")
+
+
+def process_state_snapshot() -> dict:
+    """What a later run in this process must find as this moment left it: Keras's settings, Keras's global state, RNGs.
+
+    - Keras's settings: floatx, epsilon, image data format, max epochs and steps per
+      epoch (`keras.config`), and whether NNX is on;
+    - the plain values of Keras's global state (kept per thread): the dtype policy
+      (mixed precision), the seed set by `keras.utils.set_random_seed`, logging and
+      traceback switches, and the like. Objects there (models' name counters, the
+      global SeedGenerator) are not kept: `restore_process_state` starts them afresh;
+    - Python's and NumPy's global random generators.
+
+    Take it where a fresh process would be: right after importing Keras, or right
+    after loading a job file (which may set a policy at import).
+    """
+    import random
+
+    import keras
+    import numpy as np
+    from keras.src.backend.common import global_state
+    from keras.src.dtype_policies.dtype_policy import DTypePolicy
+
+    plain = (bool, int, float, str, type(None), DTypePolicy)
+    return {
+        "config": {name: getattr(keras.config, name)() for name in _CONFIG_SETTINGS},
+        "nnx": keras.config.is_nnx_enabled(),
+        "global_state": {k: v for k, v in vars(global_state.GLOBAL_STATE_TRACKER).items() if isinstance(v, plain)},
+        "python_rng": random.getstate(),
+        "numpy_rng": np.random.get_state(),
+    }
+
+
+def restore_process_state(snapshot: dict) -> None:
+    """Put back a `process_state_snapshot`, after dropping everything Keras holds globally.
+
+    `keras.backend.clear_session()` drops Keras's global state in every thread (models'
+    name counters, the global SeedGenerator, the dtype policy, ...) and TensorFlow's
+    default graph and kernel cache; then the snapshot's settings and plain global
+    values come back, on the calling thread (the one that trains next), and the RNGs.
+    What this cannot undo: a job file's own module-level objects (load the job file
+    again to reset those) and TensorFlow settings fixed once per process (logical
+    devices, op determinism), which every run of a sweep sets alike.
+    """
+    import random
+
+    import keras
+    import numpy as np
+    from keras.src.backend.common import global_state
+
+    keras.backend.clear_session(free_memory=True)
+    for name, value in snapshot["config"].items():
+        if getattr(keras.config, name)() != value:
+            getattr(keras.config, f"set_{name}")(value)
+    if keras.config.is_nnx_enabled() != snapshot["nnx"]:
+        from keras.src.backend import config as backend_config
+
+        backend_config.set_nnx_enabled(snapshot["nnx"])
+    for name, value in snapshot["global_state"].items():
+        global_state.set_global_attribute(name, value)
+    random.setstate(snapshot["python_rng"])
+    np.random.set_state(snapshot["numpy_rng"])
