@@ -507,6 +507,7 @@ def plot_trials(uri: str, output: str, metric: str = "val_loss", mode: str = "mi
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     from cluster_trainer.history import read_history
 
@@ -531,7 +532,7 @@ def plot_trials(uri: str, output: str, metric: str = "val_loss", mode: str = "mi
         if trial["trial_id"] == best_id or metric not in history or history.empty:
             continue
         color = _STATUS_COLORS.get(trial["status"], "tab:gray")
-        curves.plot(history["epoch"] + 1, history[metric], "-", color=color, alpha=alpha, linewidth=1)
+        curves.plot(history["epoch"] + 1, history[metric], "-o", color=color, alpha=alpha, linewidth=1, markersize=2)
         if trial["status"] != "completed":  # where ASHA (or a failure) stopped it
             curves.plot(history["epoch"].iloc[-1] + 1, history[metric].iloc[-1], "x", color=color, alpha=min(1, 2 * alpha))
     best = table[table["trial_id"] == best_id].iloc[0]
@@ -544,6 +545,7 @@ def plot_trials(uri: str, output: str, metric: str = "val_loss", mode: str = "mi
             marker = "-x" if status != "completed" else "-"
             curves.plot([], [], marker, color=color, label=f"{status} ({count})")
     curves.set_xlabel("epoch")
+    curves.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     curves.set_ylabel(metric)
     curves.grid(alpha=0.3)
     curves.legend(fontsize="small")

@@ -72,7 +72,10 @@ TUNE_DIR = "tune"
 # Versions of each file kept in the seal: Tune uploads in the background, so storage may hold
 # a version older than the newest sealed one when the driver dies.
 KEEP_VERSIONS = 4
-# What Tune unpickles: every file at the top of its experiment directory, and each trial's error.pkl.
+# What Tune 2.60 unpickles: at the top of its experiment directory (tuner.pkl, experiment_state-*.json,
+# searcher-state-*.pkl, search_gen_state-*.json, basic-variant-state-*.json, callback-states-*.pkl, and
+# any other pickle), and in each trial's directory, error.pkl (params.pkl there is written, never read).
+_EXPERIMENT_PICKLES = ("*.pkl", "*state-*.json", "*states-*.json")
 _TRIAL_PICKLES = ("error.pkl",)
 
 
@@ -216,10 +219,19 @@ class TuneStateSeal:
 
 
 def _unpickled_by_tune(names: list[str]) -> list[str]:
-    """Of file names relative to Tune's experiment directory, those Ray Tune unpickles: every file at its
-    top, and each trial's error.pkl."""
-    return sorted(name for name in names if "/" not in name or (
-        name.count("/") == 1 and any(fnmatch.fnmatch(name.split("/")[1], p) for p in _TRIAL_PICKLES)))
+    """Of file names relative to Tune's experiment directory, those Ray Tune unpickles (`_EXPERIMENT_PICKLES`
+    at its top, `_TRIAL_PICKLES` in a trial's directory).
+
+    Example:
+        >>> _unpickled_by_tune(["tuner.pkl", "experiment_state-2026.json", ".validate_storage_marker",
+        ...                     "_trial_1/error.pkl", "_trial_1/params.json", "_trial_1/checkpoint_000000/reported"])
+        ['_trial_1/error.pkl', 'experiment_state-2026.json', 'tuner.pkl']
+    """
+    def matches(name: str, patterns: tuple) -> bool:
+        return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+    return sorted(name for name in names if ("/" not in name and matches(name, _EXPERIMENT_PICKLES)) or (
+        name.count("/") == 1 and matches(name.split("/")[1], _TRIAL_PICKLES)))
 
 
 # The seal of the sweep this process drives. The Tune callback finds it here rather than holding it:
@@ -253,9 +265,13 @@ class SealCallback(tune.Callback):
     def __getstate__(self):
         return {"_staging": None}
 
-    def on_step_begin(self, iteration, trials, **info):
+    def _find_staging(self, trials) -> None:
+        # Every trial's storage context knows the driver's staging directory (a restored run reuses its trials').
         if self._staging is None and trials:
             self._staging = trials[0].storage.experiment_driver_staging_path
+
+    def on_step_begin(self, iteration, trials, **info):
+        self._find_staging(trials)
 
     def get_state(self):
         if _ACTIVE is not None and self._staging is not None and os.path.isdir(self._staging):
@@ -263,6 +279,7 @@ class SealCallback(tune.Callback):
         return None  # nothing of ours for Tune to pickle
 
     def on_experiment_end(self, trials, **info):
+        self._find_staging(trials)  # a continued sweep with nothing left to run took no step
         if _ACTIVE is not None:
             self.get_state()
             _ACTIVE.verify()  # Tune reads failed trials' error.pkl next, from storage
