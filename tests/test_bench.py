@@ -62,3 +62,14 @@ def test_loop_benchmark_runs_at_smallest_size(tmp_path):
     assert rows[0].split(" | ")[2] == "1.00 (1.00–1.00), best 1.00"  # the baseline against itself
     assert "Per save (" in out  # the saving variants saved
     assert {p.name for p in tmp_path.glob("*.png")} == {"bench_loop.png"}
+
+
+def test_sweep_benchmark_runs_at_smallest_size(tmp_path):
+    out = bench("--only", "sweep", "--sweep-trials", "1", "--asha-trials", "2", "--trivial-trials", "2",
+                "--sweep-variants", tmp_path=tmp_path)
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "sweep wall" not in line]
+    assert [row.split(" | ")[0] for row in rows] == ["| warm workers (default), 1 epoch",
+                                                     "| ASHA, 2 epochs, warm workers"], out
+    assert rows[0].split(" | ")[1:3] == ["1", "1"]  # one trial of one epoch
+    assert "-trial ASHA sweep took" in out
+    assert out.count("Tune driver, 2 trials that only report") == 2, out
