@@ -107,11 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
             failures only); ASHA stops poor trials early. The same command again continues an
             interrupted sweep: finished trials are kept, unfinished ones resume from their state.
             The trials table is <URI>/trials.parquet (`cluster-trainer sweep-status URI`).
+            Trials run in warm training processes (TensorFlow imported and the job file loaded
+            once), Keras's global state reset between trials. Ray Tune's state is sealed with the
+            key file $CLUSTER_TRAINER_SWEEP_KEY_FILE (default ~/.config/cluster-trainer/sweep.key,
+            created on first use): continuing the sweep on another machine needs the same key.
 
             examples:
               cluster-trainer sweep jobs/mlp.py --storage runs/sweep --grid lr=1e-2,1e-3 --grid units=32,64
               cluster-trainer sweep jobs/mlp.py --storage gs://b/sweeps/lr --loguniform lr=1e-4:1e-1 \\
                   --num-samples 16 --scheduler asha --max-concurrent 4 --num-gpus 1
+              cluster-trainer sweep jobs/mlp.py --storage runs/tpe --search optuna --seed 7 \\
+                  --loguniform lr=1e-4:1e-1 --choice units=32,64,128 --num-samples 50 --max-concurrent 4
             """
         ),
         epilog=EXIT_CODES,

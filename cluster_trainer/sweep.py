@@ -362,8 +362,7 @@ def sweep(
     experiment = f"{sweep_uri}/{TUNE_DIR}"
     restoring = store.exists(f"{TUNE_DIR}/tuner.pkl")
     seal = sweep_seal.TuneStateSeal(store, sweep_seal.load_key(create=not restoring))
-    if restoring:
-        seal.verify()  # before anything of Tune's state is unpickled
+    seal.verify()  # before anything of Tune's state is unpickled (nothing to check in a new sweep's empty prefix)
 
     connected = connect(address, echo)
     try:
