@@ -1,7 +1,7 @@
 """The Tune driver's own cost per trial: a sweep of trials that do nothing, as a sweep's driver runs them.
 
 `python bench/tune_trivial.py RAY_ADDRESS STORAGE TRIALS REPORTS CONCURRENCY` runs a Tuner like
-`cluster_trainer.sweep`'s (function trainable asking 0.01 CPU, actors reused between trials, the
+`cluster_trainer.sweep`'s (function trainable asking no CPU, actors reused between trials, the
 seal callback, a seeded BasicVariantGenerator) whose trials each report REPORTS results, each with
 a one-file checkpoint as the sweep's trials do, and return. Prints one JSON object: the wall time of
 `fit`, and the experiment state's size at the end.
@@ -37,11 +37,12 @@ def main() -> int:
 
     from cluster_trainer import sweep_seal
     from cluster_trainer.storage import Storage
+    from cluster_trainer.sweep import TRIAL_PROCESS_RESOURCES
 
     ray.init(address=address, logging_level=logging.WARNING)
     seal = sweep_seal.TuneStateSeal(Storage(storage), sweep_seal.load_key(create=True))
     tuner = tune.Tuner(
-        tune.with_resources(trivial, {"cpu": 0.01}),
+        tune.with_resources(trivial, TRIAL_PROCESS_RESOURCES),
         param_space={"x": tune.uniform(0, 1), "reports": reports},
         tune_config=tune.TuneConfig(metric="val_loss", mode="min", num_samples=trials, reuse_actors=True,
                                     search_alg=BasicVariantGenerator(random_state=0, max_concurrent=concurrency)),

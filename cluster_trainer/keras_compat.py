@@ -28,6 +28,13 @@ What is used, and why:
   after another (a warm sweep worker) snapshots and puts back between runs, so
   a run in a reused process is bitwise the run of a fresh one
   (`process_state_snapshot`, `restore_process_state`).
+- `MirroredStrategy._collective_key_base`: where a new strategy starts numbering
+  its collective ops. A second strategy in one process reuses the first one's
+  keys, and TensorFlow's collective runtime then refuses a reduction of another
+  dtype (checked: a float64 run after a mixed-precision one failed with
+  "Collective instance 100 expected type 0 and data_type 1 but got type 0 and
+  data_type 2"). TensorFlow's own tests move the base on by 100000 for each new
+  strategy; `fresh_collective_keys` does the same.
 """
 
 from __future__ import annotations
@@ -174,6 +181,7 @@ def restore_process_state(snapshot: dict) -> None:
     name counters, the global SeedGenerator, the dtype policy, ...) and TensorFlow's
     default graph and kernel cache; then the snapshot's settings and plain global
     values come back, on the calling thread (the one that trains next), and the RNGs.
+    The next MirroredStrategy gets collective keys of its own (`fresh_collective_keys`).
     What this cannot undo: a job file's own module-level objects (load the job file
     again to reset those) and TensorFlow settings fixed once per process (logical
     devices, op determinism), which every run of a sweep sets alike.
@@ -196,3 +204,19 @@ def restore_process_state(snapshot: dict) -> None:
         global_state.set_global_attribute(name, value)
     random.setstate(snapshot["python_rng"])
     np.random.set_state(snapshot["numpy_rng"])
+    fresh_collective_keys()
+
+
+# How far each new MirroredStrategy's collective keys move on (what TensorFlow's strategy_combinations uses).
+_COLLECTIVE_KEY_STEP = 100_000
+
+
+def fresh_collective_keys() -> None:
+    """Make the next MirroredStrategy in this process use collective keys no earlier strategy here used.
+
+    The keys only name the reductions: a run's numbers do not depend on them.
+    """
+    from tensorflow.python.distribute import mirrored_strategy
+
+    for strategy_class in (mirrored_strategy.MirroredStrategy, mirrored_strategy.MirroredStrategyV1):
+        strategy_class._collective_key_base += _COLLECTIVE_KEY_STEP

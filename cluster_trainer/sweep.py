@@ -39,6 +39,11 @@ from cluster_trainer.job import Job, Resources, parse_value
 
 TRIALS_FILE = "trials.parquet"
 TUNE_DIR = "tune"
+# What Tune's trial process asks for: it only drives its trial, and the training actor asks for the job's
+# resources. No CPU at all: a fraction would keep a 1-CPU training actor off a node whose other CPUs are taken
+# (on 2 CPUs, two trial processes of 0.01 leave 1.98, so only one trial trains). Some memory, since Tune
+# needs a resource to place it by: about what the process uses.
+TRIAL_PROCESS_RESOURCES = {"cpu": 0, "memory": 200 * 2**20}
 
 
 # -- the search space ------------------------------------------------------------------------
@@ -372,8 +377,7 @@ def sweep(
             "resources": resources, "max_failures": max_failures, "storage_options": options,
             "fresh_workers": fresh_workers,
         }
-        # The trial function only drives: its actor needs next to nothing; the training actor asks for the job's resources.
-        trainable = tune.with_resources(tune.with_parameters(_trial, settings=settings), {"cpu": 0.01})
+        trainable = tune.with_resources(tune.with_parameters(_trial, settings=settings), TRIAL_PROCESS_RESOURCES)
         if restoring:
             echo(f"continuing the sweep at {sweep_uri}: finished trials are kept, unfinished ones resume (with the "
                  "search, scheduler, metric and concurrency it was started with)")

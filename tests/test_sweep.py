@@ -146,17 +146,17 @@ def test_a_sweep_driver_killed_midway_continues_and_finished_trials_are_not_run_
 
 @pytest.mark.slow
 def test_a_trial_in_a_reused_worker_is_bitwise_equal_to_the_same_trial_in_a_fresh_process(cluster, tmp_path):
-    # One trial at a time, in grid order: a mixed-precision trial (which also sets Keras's epsilon and draws from
-    # every global generator) first, then a float32 one in the same training process.
+    # One trial at a time, in grid order, in one training process: a mixed-precision trial (which also sets Keras's
+    # epsilon), a float64 one, each drawing from every global generator, then a float32 one.
     storage = tmp_path / "sweep"
-    driver = Driver(sweep_cmd(cluster, storage, "--grid", "policy=mixed_float16,float32", "--max-concurrent", "1",
+    driver = Driver(sweep_cmd(cluster, storage, "--grid", "policy=mixed_float16,float64,float32", "--max-concurrent", "1",
                               "--set", "draws=1000", job=GLOBAL_STATE_JOB, epochs="1"),
                     tmp_path / "sweep.log", sweep_env(cluster, tmp_path))
     try:
         pattern = r"\(_trial pid=(\d+)\) cluster-trainer \[(\w+)\]: actor 1 running on node \w+ \([^)]*pid (\d+)"
         first = driver.wait_for(pattern)
         second = driver.wait_for(pattern.replace(r"\[(\w+)\]", rf"\[(?!{first.group(2)})(\w+)\]"))
-        # Tune's trial process drives both trials and never loaded the job file: no TensorFlow mapped in it.
+        # Tune's trial process drives the trials and never loaded the job file: no TensorFlow mapped in it.
         trial_process = int(second.group(1))
         assert trial_process == int(first.group(1))
         with open(f"/proc/{trial_process}/maps") as maps:
@@ -164,7 +164,8 @@ def test_a_trial_in_a_reused_worker_is_bitwise_equal_to_the_same_trial_in_a_fres
         assert driver.finish() == 0, driver.output()[-4000:]
     finally:
         driver.stop()
-    assert first.group(3) == second.group(3), driver.output()[-4000:]  # the same training process, reused
+    workers = {trial: worker for _, trial, worker in re.findall(pattern, driver.output())}
+    assert len(workers) == 3 and len(set(workers.values())) == 1, driver.output()[-4000:]  # one process, reused
     table = read_trials(str(storage)).set_index("config/policy")
     assert set(table["status"]) == {"completed"}, table.to_string()
     reused = table.loc["float32", "run_uri"]
