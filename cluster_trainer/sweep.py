@@ -537,7 +537,8 @@ def plot_trials(uri: str, output: str, metric: str = "val_loss", mode: str = "mi
         color = _STATUS_COLORS.get(trial["status"], "tab:gray")
         curves.plot(history["epoch"] + 1, history[metric], "-o", color=color, alpha=alpha, linewidth=1, markersize=2)
         if trial["status"] != "completed":  # where ASHA (or a failure) stopped it
-            curves.plot(history["epoch"].iloc[-1] + 1, history[metric].iloc[-1], "x", color=color, alpha=min(1, 2 * alpha))
+            curves.plot(history["epoch"].iloc[-1] + 1, history[metric].iloc[-1], "x", color=color,
+                        alpha=min(1, 2 * alpha))
     best = table[table["trial_id"] == best_id].iloc[0]
     history = histories[best_id]
     curves.plot(history["epoch"] + 1, history[metric], "-o", color="tab:green", linewidth=2.5, markersize=4, zorder=5,

@@ -149,8 +149,8 @@ def test_a_trial_in_a_reused_worker_is_bitwise_equal_to_the_same_trial_in_a_fres
     # One trial at a time, in grid order, in one training process: a mixed-precision trial (which also sets Keras's
     # epsilon), a float64 one, each drawing from every global generator, then a float32 one.
     storage = tmp_path / "sweep"
-    driver = Driver(sweep_cmd(cluster, storage, "--grid", "policy=mixed_float16,float64,float32", "--max-concurrent", "1",
-                              "--set", "draws=1000", job=GLOBAL_STATE_JOB, epochs="1"),
+    driver = Driver(sweep_cmd(cluster, storage, "--grid", "policy=mixed_float16,float64,float32",
+                              "--max-concurrent", "1", "--set", "draws=1000", job=GLOBAL_STATE_JOB, epochs="1"),
                     tmp_path / "sweep.log", sweep_env(cluster, tmp_path))
     try:
         pattern = r"\(_trial pid=(\d+)\) cluster-trainer \[(\w+)\]: actor 1 running on node \w+ \([^)]*pid (\d+)"
