@@ -101,6 +101,10 @@ def test_a_grid_sweep_finishes_and_a_trial_killed_mid_epoch_resumes_bitwise_equa
     assert (tmp_path / "trials.png").stat().st_size > 10_000
 
 
+def tune_state(storage) -> str:
+    return "".join(path.read_text() for path in (storage / "tune").glob("experiment_state-*.json"))
+
+
 def latest_or_none(uri: str) -> int | None:
     try:
         return latest(uri).step
@@ -121,6 +125,8 @@ def test_a_sweep_driver_killed_midway_continues_and_finished_trials_are_not_run_
         wait_until(lambda: finished(str(storage / trial)), f"trial {trial} to finish")
         second = first.wait_for(rf"cluster-trainer \[(?!{trial})(\w+)\]: actor 1 running").group(1)
         wait_until(lambda: (latest_or_none(str(storage / second)) or 0) > 0, f"trial {second} to commit")
+        # Tune knows only the trials its last saved state holds (saved after every report, and every 10 s).
+        wait_until(lambda: second in tune_state(storage), f"Tune's saved state to hold trial {second}")
         first.process.send_signal(signal.SIGKILL)  # the driver is gone; its trials' actors die with it
         first.process.wait()
     finally:
