@@ -279,7 +279,7 @@ def make_searcher(search: str | None, space: Mapping[str, Any], metric: str, mod
     from ray.tune.search.optuna import OptunaSearch
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial otherwise
-    searcher = OptunaSearch(space=dict(space), metric=metric, mode=mode,
+    searcher = OptunaSearch(space=OptunaSearch.convert_search_space(dict(space)), metric=metric, mode=mode,
                             sampler=optuna.samplers.TPESampler(seed=seed))
     return ConcurrencyLimiter(searcher, max_concurrent=max_concurrent) if max_concurrent else searcher
 

@@ -145,7 +145,8 @@ def test_a_sweep_driver_killed_midway_continues_and_finished_trials_are_not_run_
     assert attempts[second] == 2  # resumed from its own checkpoint
     assert list(read_history(str(storage / second))["epoch"]) == [0, 1, 2]
     # The searcher's state came back: the third trial got TPE's third proposal, not its first again.
-    searcher = make_searcher("optuna", parse_space(uniform=space[1:]), "val_loss", "min", seed=11, max_concurrent=1)
+    searcher = make_searcher("optuna", parse_space(uniform=space[1:]), "val_loss", "min", seed=11,
+                             max_concurrent=None)  # a limit of 1 would hold back the next proposal
     proposed = [searcher.suggest(f"t{i}")["lr"] for i in range(3)]
     assert sorted(table["config/lr"]) == sorted(proposed), (table.to_string(), proposed)
 
