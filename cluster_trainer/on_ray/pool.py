@@ -87,12 +87,10 @@ class WarmTrainActor(TrainActor):
         self._jobs: dict[str, tuple] = {}  # job path -> (file signature, loaded Job, state right after loading it)
         self._idle = threading.Event()
         self._idle.set()
-        self.runs = 0
 
     def train(self, spec: dict) -> dict:
         self._idle.clear()
         self._stop = DriverStop()  # a stop sent to the previous run does not stop this one
-        self.runs += 1
         try:
             return super().train(spec)
         finally:
@@ -178,14 +176,6 @@ class WarmActors:
                 self._leased[number] = (actor, key, True)
         for _, (actor, _, _) in leased:
             actor.stop.remote(reason)
-
-    def shutdown(self) -> None:
-        """Kill every idle actor (leased ones are their driver's business)."""
-        with self._lock:
-            idle = [actor for actors in self._idle.values() for actor in actors]
-            self._idle.clear()
-        for actor in idle:
-            kill_actor(actor)
 
     def _finished_last_run(self, actor) -> bool:
         import ray
