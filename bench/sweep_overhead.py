@@ -56,7 +56,11 @@ def _start_cluster():
     from ray_cluster import RayCluster
 
     cluster = RayCluster()
-    cluster.start_head(num_cpus=CPUS)
+    try:
+        cluster.start_head(num_cpus=CPUS)
+    except BaseException:
+        cluster.stop()
+        raise
     return cluster
 
 
