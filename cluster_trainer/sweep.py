@@ -403,9 +403,6 @@ def sweep(
                                             reuse_actors=True),
                 run_config=tune.RunConfig(name=TUNE_DIR, storage_path=sweep_uri, verbose=0,
                                           failure_config=tune.FailureConfig(max_failures=max_failures),
-                                          # Keep a trial's last report only, and save the experiment's state
-                                          # after every report: a restore knows the trials started since.
-                                          checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                           callbacks=[sweep_seal.SealCallback()]),
             )
         seal.record_stored(f"{TUNE_DIR}/tuner.pkl")
