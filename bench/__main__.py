@@ -66,7 +66,8 @@ if __name__ == "__main__":
                              "the CheckpointPolicy default)")
     parser.add_argument("--sweep-trials", type=int, default=8,
                         help="sweep: trials of the overhead sweeps (default 8; the double variant runs twice as many)")
-    parser.add_argument("--asha-trials", type=int, default=200, help="sweep: trials of the ASHA sweep (default 200)")
+    parser.add_argument("--asha-trials", type=int, default=200,
+                        help="sweep: trials of the ASHA sweep (default 200; 0 leaves it out)")
     parser.add_argument("--trivial-trials", type=int, default=200,
                         help="sweep: trials that only report, for the Tune driver's cost per trial (default 200)")
     parser.add_argument("--sweep-variants", nargs="*", choices=["double", "fresh"], default=["double", "fresh"],

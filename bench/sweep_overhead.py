@@ -114,9 +114,10 @@ def trivial(cluster, work: Path, trials: int, reports: int) -> dict:
     if result.returncode != 0:
         raise RuntimeError(f"trivial trials failed:\n{result.stderr[-3000:]}")
     measured = json.loads(result.stdout.strip().splitlines()[-1])
-    measured.update(trials=trials, reports=reports, per_trial=measured["seconds"] / trials)
+    measured.update(trials=trials, reports=reports, per_trial=measured["seconds"] / trials,
+                    cpu_per_trial=measured["driver_cpu_seconds"] / trials)
     print(f"trivial: {trials} trials x {reports} report(s): {measured['seconds']:.1f}s, "
-          f"{measured['per_trial']:.3f}s per trial", flush=True)
+          f"{measured['per_trial']:.3f}s per trial, driver CPU {measured['cpu_per_trial']:.3f}s per trial", flush=True)
     return measured
 
 
@@ -133,8 +134,9 @@ def run(args, machine: str) -> tuple[str, dict]:
                 runs["warm-2n"] = measured(cluster, work, "warm-2n", 2 * n, *common)
             if "fresh" in args.sweep_variants:
                 runs["fresh"] = measured(cluster, work, "fresh", n, *common, "--fresh-workers")
-            runs["asha"] = measured(cluster, work, "asha", args.asha_trials, "--epochs", "2", "--scheduler", "asha",
-                                    "--grace-period", "1", "--max-concurrent", str(CPUS))
+            if args.asha_trials:
+                runs["asha"] = measured(cluster, work, "asha", args.asha_trials, "--epochs", "2", "--scheduler",
+                                        "asha", "--grace-period", "1", "--max-concurrent", str(CPUS))
             for reports in (1, 10):
                 results["trivial"].append(trivial(cluster, work, args.trivial_trials, reports))
         finally:
@@ -164,11 +166,13 @@ def report(runs: dict, trivial_runs: list[dict], machine: str) -> str:
     if "fresh" in runs:
         lines.append(f"Warm against fresh workers, overhead per trial: {runs['warm'].overhead_per_trial:.2f} s against "
                      f"{runs['fresh'].overhead_per_trial:.2f} s.")
-    asha = runs["asha"]
-    lines.append(f"The {asha.trials}-trial ASHA sweep took {asha.wall:.0f} s, {asha.wall / asha.plain:.1f}x the "
-                 f"{asha.plain:.0f} s of the same trainings in one plain process.")
+    if "asha" in runs:
+        asha = runs["asha"]
+        lines.append(f"The {asha.trials}-trial ASHA sweep took {asha.wall:.0f} s, {asha.wall / asha.plain:.1f}x the "
+                     f"{asha.plain:.0f} s of the same trainings in one plain process.")
     for measured in trivial_runs:
         lines.append(f"Tune driver, {measured['trials']} trials that only report {measured['reports']} time(s) "
-                     f"each: {measured['seconds']:.1f} s, **{measured['per_trial']:.3f} s per trial**; "
-                     f"experiment state {measured['experiment_state_bytes'] / 1e3:.0f} kB at the end.")
+                     f"each: {measured['seconds']:.1f} s, **{measured['per_trial']:.3f} s per trial**, of which the "
+                     f"driver process's CPU **{measured['cpu_per_trial']:.3f} s**; experiment state "
+                     f"{measured['experiment_state_bytes'] / 1e3:.0f} kB at the end.")
     return "\n".join(lines) + "\n"

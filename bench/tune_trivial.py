@@ -4,7 +4,8 @@
 `cluster_trainer.sweep`'s (function trainable asking no CPU, actors reused between trials, the
 seal callback, a seeded BasicVariantGenerator) whose trials each report REPORTS results, each with
 a one-file checkpoint as the sweep's trials do, and return. Prints one JSON object: the wall time of
-`fit`, and the experiment state's size at the end.
+`fit`, the CPU time the driver process spent in it (its own work, which the machine's load barely
+changes), and the experiment state's size at the end.
 """
 
 from __future__ import annotations
@@ -25,6 +26,14 @@ def trivial(config):
                 f.write(str(index + 1))
             tune.report({"epoch": index + 1, "val_loss": config["x"] / (index + 1)},
                         checkpoint=tune.Checkpoint.from_directory(directory))
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process (Tune's controller and every thread of it): work done, whatever the machine's load."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main() -> int:
@@ -50,13 +59,14 @@ def main() -> int:
                                   callbacks=[sweep_seal.SealCallback()]),
     )
     seal.record_stored("tune/tuner.pkl")
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), _cpu_seconds()
     with sweep_seal.active(seal):
         tuner.fit()
-    seconds = time.perf_counter() - started
+    seconds, cpu_seconds = time.perf_counter() - started, _cpu_seconds() - cpu_started
     state = max((os.path.join(storage, "tune", name) for name in os.listdir(os.path.join(storage, "tune"))
                  if name.startswith("experiment_state")), key=os.path.getmtime)
-    print(json.dumps({"seconds": seconds, "experiment_state_bytes": os.path.getsize(state)}), flush=True)
+    print(json.dumps({"seconds": seconds, "driver_cpu_seconds": cpu_seconds,
+                      "experiment_state_bytes": os.path.getsize(state)}), flush=True)
     ray.shutdown()
     return 0
 
