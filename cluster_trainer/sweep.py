@@ -434,41 +434,51 @@ def _working_dir() -> str | None:
 
 
 def trials_table(results, sweep_uri: str, metric: str, mode: str, storage_options: dict) -> pd.DataFrame:
-    """One row per trial: its config, best metric and epoch, epochs run, status, interruptions, run URI."""
+    """One row per trial: its config, best metric and epoch, epochs run, status, interruptions, run URI.
+
+    Each row reads its run's history, newest checkpoint and attempts (about eight requests): the
+    rows are read 16 at a time, so a 1000-trial sweep on an object store takes seconds, not minutes.
+    """
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
+        rows = list(pool.map(lambda result: _trial_row(result, sweep_uri, metric, mode, storage_options), results))
+    return pd.DataFrame(rows).sort_values("trial_id", ignore_index=True)
+
+
+def _trial_row(result, sweep_uri: str, metric: str, mode: str, storage_options: dict) -> dict:
     from cluster_trainer.checkpoint import CheckpointStore
     from cluster_trainer.checkpoint.fencing import latest_attempt
     from cluster_trainer.errors import CheckpointError
     from cluster_trainer.history import read_history
     from cluster_trainer.storage import Storage
 
-    rows = []
-    for result in results:
-        # A trial that never reported has no metrics; its directory name holds the id too (`_trial_495fe_00003_...`).
-        trial_id = ((result.metrics or {}).get("trial_id")
-                    or re.search(r"_([0-9a-f]+_\d{5})", os.path.basename(result.path))[1])
-        uri = f"{sweep_uri}/{trial_id}"
-        run_storage = Storage(uri, storage_options)
-        try:
-            history = read_history(uri, storage_options)
-        except CheckpointError:
-            history = pd.DataFrame({"epoch": []})
-        newest = CheckpointStore(run_storage).load_latest() if history.shape[0] else None
-        finished = bool(newest and newest.state["position"]["finished"])
-        row = {"trial_id": trial_id, **{f"config/{k}": v for k, v in (result.config or {}).items()}}
-        if metric in history and history[metric].notna().any():
-            best = history[metric].idxmin() if mode == "min" else history[metric].idxmax()
-            row[f"best_{metric}"] = float(history[metric][best])
-            row["best_epoch"] = int(history["epoch"][best])
-        else:
-            row[f"best_{metric}"], row["best_epoch"] = math.nan, -1
-        row["epochs"] = int(history.shape[0])
-        row["status"] = ("error" if result.error is not None else "completed" if finished else "stopped early")
-        attempts = latest_attempt(run_storage)
-        row["attempts"] = attempts
-        row["interruptions"] = max(attempts - 1, 0)  # preemptions, lost nodes, restarts of the sweep
-        row["run_uri"] = uri
-        rows.append(row)
-    return pd.DataFrame(rows).sort_values("trial_id", ignore_index=True)
+    # A trial that never reported has no metrics; its directory name holds the id too: `_trial_495fe_00003_3_...`
+    # (grid and random search), `_trial_4ee9078e_1_...` (a searcher's).
+    trial_id = ((result.metrics or {}).get("trial_id")
+                or re.match(r"_trial_([0-9a-f]+(?:_\d{5})?)_\d+_", os.path.basename(result.path))[1])
+    uri = f"{sweep_uri}/{trial_id}"
+    run_storage = Storage(uri, storage_options)
+    try:
+        history = read_history(uri, storage_options)
+    except CheckpointError:
+        history = pd.DataFrame({"epoch": []})
+    newest = CheckpointStore(run_storage).load_latest() if history.shape[0] else None
+    finished = bool(newest and newest.state["position"]["finished"])
+    row = {"trial_id": trial_id, **{f"config/{k}": v for k, v in (result.config or {}).items()}}
+    if metric in history and history[metric].notna().any():
+        best = history[metric].idxmin() if mode == "min" else history[metric].idxmax()
+        row[f"best_{metric}"] = float(history[metric][best])
+        row["best_epoch"] = int(history["epoch"][best])
+    else:
+        row[f"best_{metric}"], row["best_epoch"] = math.nan, -1
+    row["epochs"] = int(history.shape[0])
+    row["status"] = ("error" if result.error is not None else "completed" if finished else "stopped early")
+    attempts = latest_attempt(run_storage)
+    row["attempts"] = attempts
+    row["interruptions"] = max(attempts - 1, 0)  # preemptions, lost nodes, restarts of the sweep
+    row["run_uri"] = uri
+    return row
 
 
 def _parquet_bytes(frame: pd.DataFrame) -> bytes:
