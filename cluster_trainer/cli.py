@@ -107,11 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
             failures only); ASHA stops poor trials early. The same command again continues an
             interrupted sweep: finished trials are kept, unfinished ones resume from their state.
             The trials table is <URI>/trials.parquet (`cluster-trainer sweep-status URI`).
+            Trials run in warm training processes (TensorFlow imported and the job file loaded
+            once), Keras's global state reset between trials. Ray Tune's state is sealed with the
+            key file $CLUSTER_TRAINER_SWEEP_KEY_FILE (default ~/.config/cluster-trainer/sweep.key,
+            created on first use): continuing the sweep on another machine needs the same key.
 
             examples:
               cluster-trainer sweep jobs/mlp.py --storage runs/sweep --grid lr=1e-2,1e-3 --grid units=32,64
               cluster-trainer sweep jobs/mlp.py --storage gs://b/sweeps/lr --loguniform lr=1e-4:1e-1 \\
                   --num-samples 16 --scheduler asha --max-concurrent 4 --num-gpus 1
+              cluster-trainer sweep jobs/mlp.py --storage runs/tpe --search optuna --seed 7 \\
+                  --loguniform lr=1e-4:1e-1 --choice units=32,64,128 --num-samples 50 --max-concurrent 4
             """
         ),
         epilog=EXIT_CODES,
@@ -131,10 +137,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="samples of the space; each grid point is run N times (default 1)")
     sweep.add_argument("--metric", default="val_loss", help="the history column that ranks trials (default val_loss)")
     sweep.add_argument("--mode", choices=["min", "max"], default="min")
+    sweep.add_argument("--search", choices=["random", "optuna"],
+                       help="random: every grid point, values drawn at random (the default); optuna: Optuna's TPE "
+                            "proposes each config from the results so far (no --grid: use --choice)")
+    sweep.add_argument("--seed", type=int, metavar="N",
+                       help="seeds the search, so the same sweep proposes the same configs (default: the job's seed)")
+    sweep.add_argument("--fresh-workers", action="store_true",
+                       help="start a new training process for every trial instead of reusing warm ones (for job "
+                            "files whose module-level objects change while they train)")
     sweep.add_argument("--scheduler", choices=["asha"], help="asha: stop poor trials early (default: run all to the end)")
     sweep.add_argument("--grace-period", type=int, default=1, metavar="EPOCHS",
                        help="ASHA judges a trial only after this many epochs (default 1)")
-    sweep.add_argument("--max-concurrent", type=int, metavar="N", help="trials at once (default: what resources allow)")
+    sweep.add_argument("--max-concurrent", type=int, metavar="N",
+                       help="trials at once (default: as many training actors as the cluster holds at the start)")
     sweep.add_argument("--epochs", type=int, help="override the job's epochs")
     sweep.add_argument("--devices", type=int, help="replicas for MirroredStrategy in each trial's actor")
     sweep_ray = sweep.add_argument_group("Ray", "Where trials run, and what each trial's training actor asks for.")
@@ -144,8 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
                                        help="the trials of a sweep: config, best metric, epochs, status")
     sweep_status.add_argument("uri", metavar="URI")
     sweep_status.add_argument("--format", choices=["text", "csv", "json"], default="text")
-    sweep_status.add_argument("--plot", metavar="OUT.png", help="draw each trial's metric against epoch into OUT.png")
+    sweep_status.add_argument("--plot", metavar="OUT.png",
+                              help="draw into OUT.png each trial's metric against epoch (a trial stopped early ends "
+                                   "in an x, the best trial drawn bold), and below it each config value against the "
+                                   "trial's best metric, one panel per swept key")
     sweep_status.add_argument("--metric", default="val_loss", help="the metric to plot (default val_loss)")
+    sweep_status.add_argument("--mode", choices=["min", "max"], default="min",
+                              help="whether the best trial has the lowest (default) or highest --metric")
 
     status = commands.add_parser("status", parents=[store], help="where a run is: position, attempt, last metrics")
     status.add_argument("uri", metavar="URI")
@@ -293,6 +313,7 @@ def _sweep(args) -> int:
     space = parse_space(args.grid, args.choice, args.uniform, args.loguniform)
     table = sweep(
         job, space, storage=args.storage, metric=args.metric, mode=args.mode, num_samples=args.num_samples,
+        search=args.search, seed=args.seed, fresh_workers=args.fresh_workers,
         scheduler=args.scheduler, grace_period=args.grace_period, max_concurrent=args.max_concurrent,
         resources=_resources(args, job.resources), devices=args.devices, epochs=args.epochs,
         max_failures=args.max_failures, address=args.ray_address, storage_options=_storage_options(args),
@@ -306,7 +327,7 @@ def _sweep_status(args) -> int:
 
     options = _storage_options(args)
     if args.plot:
-        plot_trials(args.uri, args.plot, metric=args.metric, storage_options=options)
+        plot_trials(args.uri, args.plot, metric=args.metric, mode=args.mode, storage_options=options)
         print(f"cluster-trainer: wrote {args.plot}", file=sys.stderr)
         return EXIT_OK
     table = read_trials(args.uri, options)
