@@ -27,7 +27,7 @@ def test_help_teaches_commands_and_exit_codes():
     [
         (["run", "no/such/job.py", "--storage", "x"], "job file not found"),
         (["run", MLP, "--storage", "x", "--set", "nosuch=1"], "no such config key; the job's keys are: lr, units"),
-        (["run", MLP, "--storage", "x", "--set", "units=wide"], "expected a int"),
+        (["run", MLP, "--storage", "x", "--set", "units=wide"], "expected an int"),
         (["run", MLP, "--storage", "nosuchscheme://bucket/run"], "cannot use storage URI"),
         (["status", "/nonexistent/run"], "no committed checkpoint under /nonexistent/run"),
     ],
