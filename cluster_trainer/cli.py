@@ -243,6 +243,7 @@ def _main(argv: list[str] | None) -> int:
             native = import_tensorflow_quietly()
             if "cuInit" in native or "Could not find cuda drivers" in native:
                 package_log.debug("TensorFlow found no usable CUDA driver; running on CPU")
+        _stop_if_signalled_while_starting()  # before Keras and the job file import, which take seconds more
         if args.command in ("run", "export", "sweep"):
             from cluster_trainer.keras_compat import check_versions
 
@@ -273,12 +274,11 @@ def _main(argv: list[str] | None) -> int:
 
 def _run(args) -> int:
     from cluster_trainer.job import load_job
-    from cluster_trainer.preemption import early_notice, notice_sources, sources_from_environment, started_too_late
+    from cluster_trainer.preemption import notice_sources, sources_from_environment
 
     job = load_job(args.job).with_overrides(args.overrides)
     verbose = args.verbose if args.verbose == "auto" else int(args.verbose)
-    if early_notice():
-        raise started_too_late(early_notice())
+    _stop_if_signalled_while_starting()
     if args.no_ray:
         ray_only = [flag for flag, value in (
             ("--ray-address", args.ray_address), ("--num-cpus", args.num_cpus), ("--num-gpus", args.num_gpus),
@@ -308,6 +308,14 @@ def _run(args) -> int:
     )
     print(f"cluster-trainer: {outcome.summary()}", file=sys.stderr)
     return EXIT_OK
+
+
+def _stop_if_signalled_while_starting() -> None:
+    """Exit 75 at once if a SIGTERM came while the command started (see `preemption.early_signals`)."""
+    from cluster_trainer.preemption import early_notice, started_too_late
+
+    if early_notice():
+        raise started_too_late(early_notice())
 
 
 def _sweep(args) -> int:

@@ -68,6 +68,8 @@ class RunFiles:
         if not self.mirrored:
             return
         for relative in self.storage.list_files(FILES):
+            if relative.endswith("/"):
+                continue  # a "directory" placeholder (cloud consoles make them): no file to write
             try:
                 name = "/".join(confined.parts(relative[len(FILES) + 1 :]))
             except confined.UnsafePathError as e:

@@ -91,10 +91,17 @@ def _variables_problem(variables: list, tensors: dict[str, np.ndarray]) -> str |
             return f"variable {entry['key']!r}: replicas {replicas!r:.20} is not an integer >= 1"
         stored = tensors.get(entry["key"])
         expected = tuple(([replicas] if replicas else []) + shape)
-        if stored is None or stored.shape != expected:
-            found = "missing" if stored is None else f"of shape {stored.shape}"
-            return f"variable {entry['key']!r}: its tensor is {found}, the index says {expected}"
+        if stored is None or stored.shape != expected or not _same_dtype(stored.dtype, entry["dtype"]):
+            found = "missing" if stored is None else f"{stored.dtype} of shape {stored.shape}"
+            return f"variable {entry['key']!r}: its tensor is {found}, the index says {entry['dtype']} {expected}"
     return None
+
+
+def _same_dtype(stored: np.dtype, named: str) -> bool:
+    try:
+        return stored == np.dtype(named)
+    except TypeError:  # a dtype NumPy does not name (bfloat16): safetensors' own reader judged it
+        return True
 
 
 def _callbacks_problem(callbacks: dict) -> str | None:

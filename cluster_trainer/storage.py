@@ -115,7 +115,7 @@ def disk_error(error: BaseException) -> StorageError | None:
 
     Example:
         >>> print(disk_error(OSError(errno.ENOSPC, "No space left on device", "/runs/x/files/best.keras")))
-        cannot write /runs/x/files/best.keras: no space left on device (ENOSPC). Free space or give the run more (another --storage URI), then run the same command again to resume
+        cannot write /runs/x/files/best.keras: no space left on device (ENOSPC). Free space on it (or use another --storage URI), then run the same command again
         >>> disk_error(ValueError("no")) is None
         True
     """
@@ -127,11 +127,10 @@ def disk_error(error: BaseException) -> StorageError | None:
             code = next((c for c in _DISK_ERRNO if os.strerror(c) in str(error)), None)
         if code is not None:
             filename = getattr(error, "filename", None)
-            what = f"write {filename}" if filename else "write to storage"
-            fix = "Make the storage writable" if code == errno.EROFS else (
-                "Free space or give the run more (another --storage URI)")
-            return StorageError(f"cannot {what}: {_DISK_ERRNO[code]} ({errno.errorcode[code]}). {fix}, "
-                                "then run the same command again to resume")
+            what = f"cannot write {filename}" if filename else "a write failed"
+            fix = "Make the storage writable" if code == errno.EROFS else "Free space on it"
+            return StorageError(f"{what}: {_DISK_ERRNO[code]} ({errno.errorcode[code]}). {fix} (or use another "
+                                "--storage URI), then run the same command again")
         error = error.__cause__ or error.__context__
     return None
 
@@ -368,6 +367,16 @@ def _protocols(fs) -> tuple:
 
 def _local_atomic_write(root: str, relative: str, data: Data, exclusive: bool, sync_directory: bool = True) -> None:
     """Write beside the target, fsync, rename over it: inside `root`, never through a symbolic link."""
+    try:
+        _write_beside_and_rename(root, relative, data, exclusive, sync_directory)
+    except OSError as e:
+        if e.errno is None or isinstance(e, confined.UnsafePathError):
+            raise
+        # Calls relative to a directory descriptor name only the last component: name the whole path.
+        raise OSError(e.errno, e.strerror, os.path.join(root, relative)) from e
+
+
+def _write_beside_and_rename(root: str, relative: str, data: Data, exclusive: bool, sync_directory: bool) -> None:
     *directory, name = confined.parts(relative)
     os.makedirs(root, exist_ok=True)
     parent = confined.open_directory(root, directory, create=True)
