@@ -10,7 +10,7 @@ the run and a sentinel directory outside it before and after.
 from __future__ import annotations
 
 import dataclasses
-import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -32,7 +32,7 @@ import cluster_trainer as ct
 from cluster_trainer import run_state
 from cluster_trainer.checkpoint import CheckpointStore, Retention, register_attempt
 from cluster_trainer.checkpoint.format import MANIFEST, crc32
-from cluster_trainer.errors import CheckpointError, StorageError
+from cluster_trainer.errors import StorageError
 from cluster_trainer.run_files import RunFiles
 from cluster_trainer.storage import Storage
 from harness import ROOT, cli, cli_env, train_cmd
@@ -65,16 +65,24 @@ def sentinel(tmp_path) -> Path:
     return directory
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory) -> Path:
-    """A real run of the MLP job (one epoch, a commit every 4 steps), trained in this process."""
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, worker_id) -> Path:
+    """A real run of the MLP job (one epoch, a commit every 4 steps), trained in-process once per test
+    session: the pytest-xdist workers share it (tests copy it before they change anything)."""
     from cluster_trainer.devices import make_strategy
 
-    job = dataclasses.replace(ct.load_job(MLP), epochs=1,
-                              checkpoint=ct.CheckpointPolicy(every_steps=4, keep_last=3))
-    run = tmp_path_factory.mktemp("trust") / "run"
-    ct.train(job, str(run), strategy=make_strategy(None), verbose=0, echo=lambda message: None,
-             handle_signals=False)
+    shared = tmp_path_factory.getbasetemp()
+    shared = shared if worker_id == "master" else shared.parent  # the session's directory, above the workers'
+    with open(shared / "trust-run.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        run = shared / "trust-run" / "run"
+        if not (shared / "trust-run" / "trained").exists():
+            shutil.rmtree(shared / "trust-run", ignore_errors=True)
+            job = dataclasses.replace(ct.load_job(MLP), epochs=1,
+                                      checkpoint=ct.CheckpointPolicy(every_steps=4, keep_last=3))
+            ct.train(job, str(run), strategy=make_strategy(None), verbose=0, echo=lambda message: None,
+                     handle_signals=False)
+            (shared / "trust-run" / "trained").touch()
     return run
 
 
@@ -271,7 +279,7 @@ def test_a_checkpoint_of_another_run_is_skipped_with_a_warning_and_never_pruned(
 @pytest.mark.parametrize("record", [
     b"{not json",
     b'{"attempt": 9, "resumed_from_sequence": 0, "run_id": null}',  # "started fresh" over committed checkpoints
-    b'{"attempt": 9, "resumed_from_sequence": 777, "run_id": null}',  # resumed from nothing committed
+    b'{"attempt": 9, "resumed_from_sequence": 1, "run_id": null}',  # resumed from nothing committed (c1 is gone)
     b'{"attempt": 9, "resumed_from_sequence": 1, "run_id": "another-run"}',
     b'[' * 100_000 + b']' * 100_000,
 ], ids=["unparsable", "fresh-start-over-checkpoints", "unknown-resume-point", "another-run", "nested"])

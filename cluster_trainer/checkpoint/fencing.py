@@ -12,11 +12,11 @@ it belongs to. From then on:
   already been replaced (a zombie whose commit raced the check above).
 
 Records are input too (whoever can write the run's prefix can plant one). A
-record counts for the second rule only if it is whole and believable: it parses,
-belongs to this run, and either the attempt committed checkpoints of its own,
-or the checkpoint it says it resumed from is committed by an earlier attempt,
-or it says it started fresh (sequence 0) and no earlier attempt had committed
-anything. Anything else is damaged: warned about and ignored, so a stray
+record counts for the second rule only if it parses and belongs to this run,
+and, where it would make committed checkpoints of earlier attempts not count,
+only if it is believable: the attempt committed checkpoints of its own, or the
+checkpoint it says it resumed from is committed by an earlier attempt. Anything
+else is damaged: warned about and ignored, so a stray
 `resumed_from_sequence: 0` can never hide a run's checkpoints and restart it
 from scratch. The run's identity is the `run_id` its earliest attempt recorded.
 
@@ -183,11 +183,13 @@ def _damage(record: AttemptRecord | None, identity: str | None, committed: list[
         return "it does not parse as an attempt record"
     if identity is not None and record.run_id is not None and record.run_id != identity:
         return f"it belongs to run {record.run_id}, not to this run ({identity})"
+    earlier = [sequence for sequence, attempt in committed if attempt < record.attempt]
+    if all(sequence <= record.resumed_from_sequence for sequence in earlier):
+        return None  # it makes no committed checkpoint not count: nothing to judge (its resume point may be pruned)
     if any(attempt == record.attempt for _, attempt in committed):
         return None  # the attempt trained and committed: what it resumed from may have been pruned since
-    earlier = [sequence for sequence, attempt in committed if attempt < record.attempt]
     if record.resumed_from_sequence == 0:
-        return None if not earlier else "it says it started fresh, but earlier attempts had committed checkpoints"
+        return "it says it started fresh, but earlier attempts had committed checkpoints"
     if record.resumed_from_sequence in earlier:
         return None
     return f"no committed checkpoint has the sequence {record.resumed_from_sequence} it says it resumed from"

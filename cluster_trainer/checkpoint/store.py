@@ -180,10 +180,10 @@ class CheckpointStore:
         """This run's id, as its first attempt recorded it (None before any attempt recorded one)."""
         return fencing.run_identity(fencing.read_records(self.storage))
 
-    def _counting(self, names: list[str]) -> tuple[list[str], list[str]]:
+    def _counting(self, names: list[str], records: dict | None = None) -> tuple[list[str], list[str]]:
         """`names` split into those that count and those a superseded attempt committed after it was
-        replaced (which never count), both newest first."""
-        limits = fencing.cutoffs(self.storage, [(parse_name(n)[0], parse_name(n)[2]) for n in names])
+        replaced (which never count), both newest first. `records`: the attempts' (read if not given)."""
+        limits = fencing.cutoffs(self.storage, [(parse_name(n)[0], parse_name(n)[2]) for n in names], records)
         valid, superseded = [], []
         for name in names:
             sequence, _, attempt = parse_name(name)
@@ -208,7 +208,7 @@ class CheckpointStore:
             raise CheckpointError(f"{where}/{MANIFEST}: missing") from None
         except StorageError as e:  # a link or a device where the manifest should be
             raise CheckpointError(str(e)) from None
-        manifest = parse_manifest(name, data, f"{where}/{MANIFEST}")
+        manifest = self._fail_closed(where, lambda: parse_manifest(name, data, f"{where}/{MANIFEST}"))
         self._remember(name, manifest)
         if run_id is not None and manifest.get("run_id") != run_id:
             raise ForeignCheckpointError(f"{where} belongs to run {manifest.get('run_id')}, not to this run ({run_id})")
@@ -227,12 +227,24 @@ class CheckpointStore:
         except StorageError as e:  # a link or a device where a file should be
             raise CheckpointError(str(e)) from None
         contents = {wanted[relative]: data for relative, data in fetched.items()}
-        checkpoint = decode(name, manifest, contents, where)
-        if checkpoint.state.get("run_id", manifest.get("run_id")) != manifest.get("run_id"):
+        return self._fail_closed(where, lambda: self._verified(decode(name, manifest, contents, where), where))
+
+    def _verified(self, checkpoint: Checkpoint, where: str) -> Checkpoint:
+        if checkpoint.state.get("run_id", checkpoint.manifest.get("run_id")) != checkpoint.manifest.get("run_id"):
             raise CheckpointError(f"{where}/state.json: its run_id differs from the manifest's")
         if self.check_state is not None:
             self.check_state(checkpoint, where)
         return checkpoint
+
+    @staticmethod
+    def _fail_closed(where: str, read: Callable[[], Any]) -> Any:
+        """`read()`, with whatever it raises that no check foresaw turned into a `CheckpointError`."""
+        try:
+            return read()
+        except CheckpointError:
+            raise
+        except Exception as e:  # a defect of the checkpoint all the same: skip it, never crash the reader
+            raise CheckpointError(f"{where}: unreadable ({type(e).__name__}: {e})") from e
 
     def _remember(self, name: str, manifest: dict | None) -> None:
         if manifest is None:
@@ -253,8 +265,9 @@ class CheckpointStore:
         problems = []
         for _ in range(5):
             vanished = False
-            run_id = self.run_id()
-            for name in self.committed():
+            records = fencing.read_records(self.storage)
+            run_id = fencing.run_identity(records)
+            for name in self._counting(self._listing()[0], records)[0]:
                 try:
                     return self.read(name, run_id)
                 except ForeignCheckpointError as e:
@@ -286,11 +299,12 @@ class CheckpointStore:
         manifest first, so a half-deleted one is never taken for committed. The newest committed
         checkpoint is never deleted, and an attempt that has been superseded deletes nothing.
         """
-        if fencing.latest_attempt(self.storage) > current_attempt:
+        records = fencing.read_records(self.storage)  # every registered attempt, damaged ones too
+        if max(records, default=0) > current_attempt:
             return  # a zombie: the attempt that replaced it decides
         listed, uncommitted = self._listing()  # one listing per commit
-        counting, superseded = self._counting(listed)  # a superseded attempt's checkpoints never count
-        run_id = self.run_id()
+        counting, superseded = self._counting(listed, records)  # a superseded attempt's checkpoints never count
+        run_id = fencing.run_identity(records)
         for name in counting + superseded:
             if name not in self._manifests:
                 try:
