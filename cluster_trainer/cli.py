@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
 import json
 import logging
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
               cluster-trainer run jobs/mlp.py --storage runs/mlp --set lr=3e-4 --devices 2
               cluster-trainer status runs/mlp
               cluster-trainer history runs/mlp --format csv
-              cluster-trainer export runs/mlp mlp.keras
+              cluster-trainer export runs/mlp mlp.keras --job jobs/mlp.py
             """
         ),
         epilog=EXIT_CODES,
@@ -199,7 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", parents=[store], help="write the run's model as a standard .keras file")
     export.add_argument("uri", metavar="URI")
     export.add_argument("output", metavar="OUT.keras")
-    export.add_argument("--job", metavar="JOB.py", help="the job file (default: the path recorded in the run)")
+    export.add_argument("--job", metavar="JOB.py",
+                        help="the job file that trained the run (needed: the architecture is code, and export never "
+                             "imports a file named by what the run stores)")
     return parser
 
 
@@ -231,6 +234,14 @@ _PREEMPTED: list[BaseException] = []
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cluster_trainer.preemption import early_signals
+
+    # From the first moment: a SIGTERM while TensorFlow imports stops a run with exit code 75, not -15.
+    with early_signals() if (argv if argv is not None else sys.argv[1:])[:1] == ["run"] else contextlib.nullcontext():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
     handler = logging.StreamHandler(sys.stderr)
@@ -242,12 +253,17 @@ def main(argv: list[str] | None = None) -> int:
         # `kill -USR1 <pid>` prints every thread's stack to stderr: where a stuck upload or step waits.
         faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
+        if args.command == "export":
+            from cluster_trainer.export import check_arguments
+
+            check_arguments(args.output, args.job)  # before TensorFlow's seconds of import
         if args.command in ("run", "export", "sweep") and os.environ["TF_CPP_MIN_LOG_LEVEL"].strip() not in ("0", "1"):
             from cluster_trainer.native_logs import import_tensorflow_quietly
 
             native = import_tensorflow_quietly()
             if "cuInit" in native or "Could not find cuda drivers" in native:
                 package_log.debug("TensorFlow found no usable CUDA driver; running on CPU")
+        _stop_if_signalled_while_starting()  # before Keras and the job file import, which take seconds more
         if args.command in ("run", "export", "sweep"):
             from cluster_trainer.keras_compat import check_versions
 
@@ -266,6 +282,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # a second Ctrl-C during the flush
         print("cluster-trainer: interrupted before the state was committed", file=sys.stderr)
         return EXIT_FAILURE
+    except Exception as e:  # a full or read-only disk where this command wrote (an output file, say): one line
+        from cluster_trainer.storage import disk_error
+
+        translated = disk_error(e)
+        if translated is None:
+            raise
+        print(f"cluster-trainer: error: {translated}", file=sys.stderr)
+        return translated.exit_code
 
 
 def _run(args) -> int:
@@ -274,6 +298,7 @@ def _run(args) -> int:
 
     job = load_job(args.job).with_overrides(args.overrides)
     verbose = args.verbose if args.verbose == "auto" else int(args.verbose)
+    _stop_if_signalled_while_starting()
     if args.no_ray:
         ray_only = [flag for flag, value in (
             ("--ray-address", args.ray_address), ("--num-cpus", args.num_cpus), ("--num-gpus", args.num_gpus),
@@ -303,6 +328,14 @@ def _run(args) -> int:
     )
     print(f"cluster-trainer: {outcome.summary()}", file=sys.stderr)
     return EXIT_OK
+
+
+def _stop_if_signalled_while_starting() -> None:
+    """Exit 75 at once if a SIGTERM came while the command started (see `preemption.early_signals`)."""
+    from cluster_trainer.preemption import early_notice, started_too_late
+
+    if early_notice():
+        raise started_too_late(early_notice())
 
 
 def _sweep(args) -> int:

@@ -41,6 +41,7 @@ from cluster_trainer.on_ray.actor import forwarded_env, job_spec
 from cluster_trainer.on_ray.connection import connect, disconnect, first_line
 from cluster_trainer.on_ray.pool import FreshActors
 from cluster_trainer.on_ray.retry import RetryPolicy
+from cluster_trainer.preemption import early_notice
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +234,7 @@ class _Driver:
             return
         for number in (signal.SIGINT, signal.SIGTERM):
             self._previous_handlers[number] = signal.signal(number, self._on_signal)
+        self.stop_reason = self.stop_reason or early_notice()  # a SIGTERM while the command started up
 
     def _restore_signal_handlers(self) -> None:
         for number, handler in self._previous_handlers.items():
