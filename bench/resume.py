@@ -111,9 +111,9 @@ def run_restarts(stores: dict[str, str], sizes: list[int], repeats: int, work: P
                     trials.append(trial)
                     print(f"restart {repeat + 1}/{repeats} {store} {trial.megabytes:.0f} MB {kind}: line {trial.to_line:.2f}s, "
                           f"first step {trial.to_first_step:.2f}s", flush=True)
-                Storage(fresh_uri).remove_tree("")
+                Storage(fresh_uri).remove_everything()
     for uri in prepared.values():
-        Storage(uri).remove_tree("")
+        Storage(uri).remove_everything()
     return trials
 
 

@@ -369,6 +369,23 @@ class Storage:
             pass
 
 
+    def remove_everything(self) -> None:
+        """Delete this store's root and all below it: for benchmarks and tools that made the store themselves.
+
+        >>> Storage("/tmp/ct-scratch-run").remove_everything()  # doctest: +SKIP
+        """
+        if self.is_local:
+            try:
+                shutil.rmtree(self.root)  # refuses a root that is a symbolic link; never follows one below it
+            except FileNotFoundError:
+                pass
+            return
+        try:
+            self._call(f"delete {self.root}", lambda: self.fs.rm(self.root, recursive=True))
+        except FileNotFoundError:
+            pass
+
+
 def _protocols(fs) -> tuple:
     protocol = fs.protocol
     return protocol if isinstance(protocol, tuple) else (protocol,)
