@@ -20,7 +20,10 @@ What is used, and why:
 - `KerasVariable._value`: the TensorFlow variable behind a Keras variable, and
   `tensorflow.python.distribute.values.SyncOnReadVariable` with `.values`: each
   replica's part of a metric accumulator (restoring the sum changes the
-  reported metric in the last digit).
+  reported metric in the last digit); `MirroredVariable.values`: each
+  replica's copy of a mirrored variable, which layers such as
+  BatchNormalization update from their replica's part of the batch, so the
+  copies differ (as they do in `fit`).
 - `CallbackList._flush_futures`: Keras runs batch-end callbacks asynchronously
   for some callbacks; their state is read only once they have run.
 """
@@ -114,6 +117,20 @@ def sync_on_read_parts(variable) -> list | None:
     """Each replica's component of a SyncOnRead variable (a metric accumulator under a strategy), else None."""
     backing = backing_variable(variable)
     if isinstance(backing, tf_distribute_values.SyncOnReadVariable):
+        return list(backing.values)
+    return None
+
+
+def mirrored_copies(variable) -> list | None:
+    """Each replica's copy of a mirrored variable, else None.
+
+    TensorFlow keeps the copies equal only for updates it aggregates. A variable with
+    aggregation NONE that a layer assigns in replica context (BatchNormalization's
+    moving statistics) is updated from each replica's own part of the batch, so
+    its copies differ, under `fit` as here.
+    """
+    backing = backing_variable(variable)
+    if isinstance(backing, tf_distribute_values.MirroredVariable):
         return list(backing.values)
     return None
 

@@ -219,7 +219,13 @@ class _Run:
 
     def _restore(self, checkpoint: Checkpoint) -> None:
         state = checkpoint.state
-        restore_model_state(self.model, checkpoint.tensors, state["variables"])
+        fell_back = restore_model_state(self.model, checkpoint.tensors, state["variables"])
+        if fell_back:
+            self.echo(f"warning: the checkpoint was written on {state.get('replicas')} replicas and this run has "
+                      f"{self.strategy.num_replicas_in_sync}; each replica's own value of {len(fell_back)} variable(s) "
+                      f"({', '.join(fell_back[:3])}{', ...' if len(fell_back) > 3 else ''}) was replaced by the metric's "
+                      "total or the first replica's copy: the run goes on, but is not bitwise equal to one that "
+                      "kept its replica count")
         self.position = Position(**state["position"])
         callback_state.restore(self.stateful_callbacks, state["callbacks"], checkpoint.tensors,
                                mid_epoch=self.position.batch > 0)
