@@ -64,17 +64,19 @@ def test_a_builder_that_takes_skip_skips_itself_before_its_parse_and_gets_the_sa
     assert_same_batches(batches(source.epoch_dataset(1, 9, 8, start_batch=start)), full[start:])
 
 
-def test_a_dataset_instead_of_a_builder_names_the_fix():
-    with pytest.raises(JobError, match="pass a builder `lambda epoch, seed: dataset`"):
-        as_source(tf.data.Dataset.range(3), shuffle=True, what="train_data")
+def test_arrays_of_different_lengths_are_a_job_error():
     with pytest.raises(JobError, match="different lengths"):
         as_source((X, Y[:10]), shuffle=True, what="train_data")
 
 
-def test_an_infinite_builder_is_refused_instead_of_training_forever():
-    source = DatasetSource(lambda epoch, seed: tf.data.Dataset.from_tensor_slices((X, Y)).repeat())
-    with pytest.raises(JobError, match="infinite dataset"):
-        source.num_batches(8)
+def test_infinite_data_without_steps_per_epoch_is_refused_instead_of_training_forever(tmp_path):
+    import cluster_trainer as ct
+
+    job = ct.Job(name="forever", build_model=lambda config: None,
+                 train_data=lambda epoch, seed: tf.data.Dataset.from_tensor_slices((X, Y)).repeat())
+    with pytest.raises(JobError, match="infinite .* set Job.steps_per_epoch"):
+        ct.train(job, str(tmp_path / "run"), verbose=0, echo=lambda message: None)
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_nested_lists_are_a_job_error():
