@@ -86,7 +86,8 @@ def test_nested_lists_are_a_job_error():
 
 def test_an_epoch_of_unknown_length_trains_every_batch_as_fit_does(tmp_path):
     """A builder whose cardinality TensorFlow cannot tell (a `filter`): the loop's compiled step finds
-    the end of the data itself. Same steps, same weights as `fit` on the same batches."""
+    the end of the data itself. Same steps, same weights and the same epoch history (train loss included)
+    as `fit` on the same batches."""
     import keras
 
     import cluster_trainer as ct
@@ -116,7 +117,8 @@ def test_an_epoch_of_unknown_length_trains_every_batch_as_fit_does(tmp_path):
     keras.utils.set_random_seed(3)
     with strategy.scope():
         reference = build({})
-    reference.fit(examples(0, 3).batch(8), epochs=2, verbose=0)
+    fit_history = reference.fit(examples(0, 3).batch(8), epochs=2, verbose=0).history
+    assert result.history == fit_history and len(result.history["loss"]) == 2
     trained = latest(tmp_path / "run")
     kernels = [trained.tensors[e["key"]] for e in trained.state["variables"] if e["stable_path"].endswith("kernel")]
     assert len(kernels) == 2 and result.position.global_step == 14

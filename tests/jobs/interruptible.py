@@ -52,7 +52,8 @@ class PauseForKill(keras.callbacks.Callback):
         pass
 
     def _maybe_pause(self, hook):
-        step = int(self.model.optimizer.iterations.numpy())
+        # Steps taken: with gradient accumulation, `iterations` counts updates instead.
+        step = int(getattr(self.model.optimizer, "_iterations", self.model.optimizer.iterations).numpy())
         if hook == self._notice_hook and step == self._notice_step:
             self._notice_step = None  # once, even if this step's hooks run again after a resume
             for _ in range(self._notices):
