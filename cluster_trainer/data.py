@@ -35,6 +35,7 @@ background reads of a pass the loop leaves early.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import types
@@ -135,13 +136,19 @@ class DatasetSource(_Lifecycle):
             raise JobError(f"data builder returned {type(dataset).__name__}; it must return a tf.data.Dataset of unbatched examples")
         return dataset
 
+    @functools.cached_property
+    def _cardinality(self) -> int:
+        return int(self._build(0, 0).cardinality())
+
+    @property
+    def infinite(self) -> bool:
+        return self._cardinality == tf.data.INFINITE_CARDINALITY
+
     def num_batches(self, batch_size: int) -> int | None:
         """Batches in one pass; None when the length is unknown (the pass ends when the data does) or infinite."""
-        cardinality = int(self._build(0, 0).cardinality())
-        self.infinite = cardinality == tf.data.INFINITE_CARDINALITY
-        if cardinality < 0:
+        if self._cardinality < 0:
             return None
-        return math.ceil(cardinality / batch_size)
+        return math.ceil(self._cardinality / batch_size)
 
     def epoch_dataset(self, epoch: int, seed: int, batch_size: int, start_batch: int = 0) -> tf.data.Dataset:
         skip = start_batch * batch_size

@@ -207,9 +207,9 @@ class _Run:
         self.validation_batch_size = job.validation_batch_size or job.batch_size
         self.validation_steps = None
         if self.val_source is not None:
+            known = [n for n in (self.val_source.num_batches(self.validation_batch_size), job.validation_steps) if n]
             if self.val_source.infinite and job.validation_steps is None:
                 raise JobError("Job.validation_data is infinite (it repeats): set Job.validation_steps, as fit needs")
-            known = [n for n in (self.val_source.num_batches(self.validation_batch_size), job.validation_steps) if n]
             self.validation_steps = min(known) if known else None
         self.model = build_compiled_model(job, self.strategy, self.train_source)
         with self.strategy.scope():
@@ -489,19 +489,17 @@ class _Run:
         iterator = iter(self.strategy.experimental_distribute_dataset(dataset))
         self.val_source.on_epoch_begin()
         batch = 0
-        try:
-            while self.validation_steps is None or batch < self.validation_steps:
-                self.callbacks.on_test_batch_begin(batch)
-                step_logs = _run_step(self.model.test_function, iterator)
-                if step_logs is None:
-                    break
-                logs = step_logs
-                self.callbacks.on_test_batch_end(batch, logs)
-                batch += 1
-                if self.model.stop_evaluating:
-                    break
-        finally:
-            self.val_source.stop()
+        while self.validation_steps is None or batch < self.validation_steps:
+            self.callbacks.on_test_batch_begin(batch)
+            step_logs = _run_step(self.model.test_function, iterator)
+            if step_logs is None:
+                break
+            logs = step_logs
+            self.callbacks.on_test_batch_end(batch, logs)
+            batch += 1
+            if self.model.stop_evaluating:
+                break
+        self.val_source.stop()
         if not self.model.stop_evaluating:
             self.val_source.on_epoch_end()
         logs = _pythonify(keras_compat.metrics_result_or_logs(self.model, logs))
