@@ -64,6 +64,44 @@ def test_a_builder_that_takes_skip_skips_itself_before_its_parse_and_gets_the_sa
     assert_same_batches(batches(source.epoch_dataset(1, 9, 8, start_batch=start)), full[start:])
 
 
+@pytest.mark.parametrize("dataset, problem", [
+    (tf.data.Dataset.range(50).shuffle(50), "reshuffle_each_iteration=True"),
+    (tf.data.Dataset.range(50).shuffle(50, reshuffle_each_iteration=False), "shuffle without a seed"),
+    (tf.data.Dataset.range(50).map(lambda x: x + tf.cast(tf.random.uniform(()) > 0.5, tf.int64)), "unseeded random op"),
+    (tf.data.Dataset.range(3).interleave(lambda i: tf.data.Dataset.range(5), num_parallel_calls=2,
+                                         deterministic=False), "deterministic=False"),
+    (tf.data.Dataset.range(2).flat_map(lambda i: tf.data.Dataset.range(5).shuffle(5)), "reshuffle_each_iteration=True"),
+], ids=["reshuffles", "unseeded", "random_map", "nondeterministic", "nested_shuffle"])
+def test_a_dataset_whose_order_changes_per_iteration_is_refused_with_the_builder_form(dataset, problem):
+    with pytest.raises(JobError, match=problem) as refused:
+        as_source(dataset, shuffle=True, what="train_data")
+    assert "`train_data=lambda epoch, seed: examples.shuffle(n, seed=seed * 1000 + epoch)`" in str(refused.value)
+    assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("dataset, batched", [
+    (tf.data.Dataset.from_tensor_slices((X, Y)), False),
+    (tf.data.Dataset.from_tensor_slices((X, Y)).shuffle(50, seed=1, reshuffle_each_iteration=False), False),
+    (tf.data.Dataset.from_tensor_slices((X, Y)).batch(8).map(lambda x, y: (x * 2, y)).prefetch(2), True),
+    (tf.data.Dataset.from_tensor_slices((X, Y)).padded_batch(8), True),
+    (tf.data.Dataset.from_tensor_slices((X, Y)).batch(8).unbatch(), False),
+    (tf.data.Dataset.from_tensor_slices((X, Y)).batch(8).repeat(), True),
+], ids=["plain", "seeded_fixed_shuffle", "batch_map_prefetch", "padded_batch", "unbatched_again", "batch_repeat"])
+def test_a_dataset_is_told_batched_or_unbatched_from_its_graph_and_resumes_by_skipping(dataset, batched):
+    source = as_source(dataset, shuffle=True, what="train_data")
+    assert source.batched is batched
+    assert ("a batched" if batched else "an unbatched") in source.describe()
+    assert_same_batches(batches(source.epoch_dataset(0, 0, 8, start_batch=3).take(2)),
+                        batches(source.epoch_dataset(0, 0, 8).skip(3).take(2)))
+    if not batched:
+        assert_same_batches(batches(source.epoch_dataset(0, 0, 8).take(1)), batches(dataset.batch(8).take(1)))
+
+
+def test_a_python_generator_is_refused_with_what_to_pass_instead():
+    with pytest.raises(JobError, match="PyDataset .* or a builder"):
+        as_source((pair for pair in zip(X, Y)), shuffle=True, what="train_data")
+
+
 def test_arrays_of_different_lengths_are_a_job_error():
     with pytest.raises(JobError, match="different lengths"):
         as_source((X, Y[:10]), shuffle=True, what="train_data")
