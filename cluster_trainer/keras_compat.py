@@ -31,6 +31,13 @@ What is used, and why:
   all-reduce and `merge_call`s inside a `cond`, which fails under any
   MirroredStrategy, in `fit` too; `distribute_gradient_accumulation` moves the
   all-reduce before the `cond` and keeps the updates on each replica's copy.
+- `Dataset._variant_tensor` (through `DatasetToGraphV2`): a `tf.data.Dataset`'s
+  graph, read to refuse an order that changes per iteration and to tell
+  batched from unbatched.
+- `keras.src.trainers.data_adapters`: `PyDatasetAdapter` reads a PyDataset as
+  `fit` does (its workers, its queue, its class weights);
+  `make_class_weight_map_fn` and `class_weight_to_sample_weights` apply
+  `class_weight` as `fit` does for datasets and for arrays.
 """
 
 from __future__ import annotations
