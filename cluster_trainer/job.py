@@ -356,9 +356,14 @@ def parse_override(assignment: str, config: Mapping[str, Any]) -> tuple[str, Any
         value = float(value)
     if current is not None and value is not None and type(value) is not type(current):
         raise ConfigError(
-            f"--set {key}={raw}: expected a {type(current).__name__} like {current!r}, got {type(value).__name__}"
+            f"--set {key}={raw}: expected {_article(type(current).__name__)} {type(current).__name__} like {current!r}, "
+            f"got {type(value).__name__}"
         )
     return key, value
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1].lower() in "aeiou" else "a"
 
 
 def load_job(path: str) -> Job:

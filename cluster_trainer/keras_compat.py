@@ -26,6 +26,18 @@ What is used, and why:
   copies differ (as they do in `fit`).
 - `CallbackList._flush_futures`: Keras runs batch-end callbacks asynchronously
   for some callbacks; their state is read only once they have run.
+- `keras.src.backend.common.global_state.GLOBAL_STATE_TRACKER` and the module
+  settings of `keras.src.backend.config`: what a process that trains one run
+  after another (a warm sweep worker) snapshots and puts back between runs, so
+  a run in a reused process is bitwise the run of a fresh one
+  (`process_state_snapshot`, `restore_process_state`).
+- `MirroredStrategy._collective_key_base`: where a new strategy starts numbering
+  its collective ops. A second strategy in one process reuses the first one's
+  keys, and TensorFlow's collective runtime then refuses a reduction of another
+  dtype (checked: a float64 run after a mixed-precision one failed with
+  "Collective instance 100 expected type 0 and data_type 1 but got type 0 and
+  data_type 2"). TensorFlow's own tests move the base on by 100000 for each new
+  strategy; `fresh_collective_keys` does the same.
 - The TensorFlow optimizer's `_backend_apply_gradients` and the update methods
   it calls: with `gradient_accumulation_steps`, Keras puts the gradient
   all-reduce and `merge_call`s inside a `cond`, which fails under any
@@ -153,6 +165,94 @@ def flush_async_callbacks(callbacks) -> None:
     flush = getattr(callbacks, "_flush_futures", None)
     if flush is not None:
         flush()
+
+
+# -- a process that trains one run after another (warm sweep workers) -----------------------------
+
+# Keras settings kept as module globals of keras.src.backend.config, each with its public getter and setter.
+_CONFIG_SETTINGS = ("floatx", "epsilon", "image_data_format", "max_epochs", "max_steps_per_epoch")
+
+
+def process_state_snapshot() -> dict:
+    """What a later run in this process must find as this moment left it: Keras's settings, Keras's global state, RNGs.
+
+    - Keras's settings: floatx, epsilon, image data format, max epochs and steps per
+      epoch (`keras.config`), and whether NNX is on;
+    - the plain values of Keras's global state (kept per thread): the dtype policy
+      (mixed precision), the seed set by `keras.utils.set_random_seed`, logging and
+      traceback switches, and the like. Objects there (models' name counters, the
+      global SeedGenerator) are not kept: `restore_process_state` starts them afresh;
+    - Python's and NumPy's global random generators.
+
+    Take it where a fresh process would be: right after importing Keras, or right
+    after loading a job file (which may set a policy at import).
+    """
+    import random
+
+    import keras
+    import numpy as np
+    from keras.src.backend.common import global_state
+    from keras.src.dtype_policies.dtype_policy import DTypePolicy
+
+    plain = (bool, int, float, str, type(None), DTypePolicy)
+    return {
+        "config": {name: getattr(keras.config, name)() for name in _CONFIG_SETTINGS},
+        "nnx": keras.config.is_nnx_enabled(),
+        "global_state": {k: v for k, v in vars(global_state.GLOBAL_STATE_TRACKER).items() if isinstance(v, plain)},
+        "python_rng": random.getstate(),
+        "numpy_rng": np.random.get_state(),
+    }
+
+
+def restore_process_state(snapshot: dict) -> None:
+    """Put back a `process_state_snapshot`, after dropping everything Keras holds globally.
+
+    `keras.backend.clear_session()` drops Keras's global state in every thread (models'
+    name counters, the global SeedGenerator, the dtype policy, ...) and TensorFlow's
+    default graph and kernel cache; then the snapshot's settings and plain global
+    values come back, on the calling thread (the one that trains next), and the RNGs.
+    The next MirroredStrategy gets collective keys of its own (`fresh_collective_keys`).
+    What this cannot undo: a job file's own module-level objects (load the job file
+    again to reset those) and TensorFlow settings fixed once per process (logical
+    devices, op determinism), which every run of a sweep sets alike.
+    """
+    import random
+
+    import keras
+    import numpy as np
+    from keras.src.backend.common import global_state
+
+    keras.backend.clear_session(free_memory=True)
+    for name, value in snapshot["config"].items():
+        if getattr(keras.config, name)() != value:
+            getattr(keras.config, f"set_{name}")(value)
+    if keras.config.is_nnx_enabled() != snapshot["nnx"]:
+        from keras.src.backend import config as backend_config
+
+        backend_config.set_nnx_enabled(snapshot["nnx"])
+    for name, value in snapshot["global_state"].items():
+        global_state.set_global_attribute(name, value)
+    random.setstate(snapshot["python_rng"])
+    np.random.set_state(snapshot["numpy_rng"])
+    fresh_collective_keys()
+
+
+# How far each new MirroredStrategy's collective keys move on (what TensorFlow's strategy_combinations uses).
+_COLLECTIVE_KEY_STEP = 100_000
+
+
+def fresh_collective_keys() -> None:
+    """Make the next MirroredStrategy in this process use collective keys no earlier strategy here used.
+
+    The keys only name the reductions: a run's numbers do not depend on them.
+    """
+    from tensorflow.python.distribute import mirrored_strategy
+
+    for strategy_class in (mirrored_strategy.MirroredStrategy, mirrored_strategy.MirroredStrategyV1):
+        strategy_class._collective_key_base += _COLLECTIVE_KEY_STEP
+
+
+# -- the step and the data, as fit has them ---------------------------------------------------------
 
 
 def distribute_gradient_accumulation(optimizer) -> None:

@@ -30,14 +30,20 @@ from typing import Any, Callable, Sequence
 import keras
 import tensorflow as tf
 
-from cluster_trainer import callback_state, keras_compat
+from cluster_trainer import callback_state, keras_compat, run_state
 from cluster_trainer.checkpoint import Checkpoint, CheckpointStore, CheckpointWriter, register_attempt
 from cluster_trainer.data import as_source
 from cluster_trainer.devices import enable_determinism, make_strategy
-from cluster_trainer.errors import CheckpointError, JobError
+from cluster_trainer.errors import CheckpointError, ClusterTrainerError, JobError, StateMismatchError
 from cluster_trainer.history import HistoryRecorder
 from cluster_trainer.job import Job, RunContext
-from cluster_trainer.preemption import NoticeSource, PreemptedError, PreemptionWatcher, sources_from_environment
+from cluster_trainer.preemption import (
+    NoticeSource,
+    PreemptedError,
+    PreemptionWatcher,
+    sources_from_environment,
+    started_too_late,
+)
 from cluster_trainer.state import (
     capture_model_state,
     capture_rng_state,
@@ -47,7 +53,7 @@ from cluster_trainer.state import (
     restore_rng_state,
 )
 from cluster_trainer.run_files import RunFiles
-from cluster_trainer.storage import Storage
+from cluster_trainer.storage import Storage, disk_error
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +133,8 @@ def train(
     run_storage = Storage(storage, {**job.storage_options, **(storage_options or {})})
     run_storage.check()
     policy = job.checkpoint
-    store = CheckpointStore(run_storage, policy.retention(), shard_bytes=policy.shard_mb * 2**20)
+    store = CheckpointStore(run_storage, policy.retention(), shard_bytes=policy.shard_mb * 2**20,
+                            check_state=run_state.check)
     strategy = strategy or make_strategy(devices)
     resume = store.load_latest()
     if notice_sources is None:
@@ -136,9 +143,15 @@ def train(
     run.preemption.start(handle_signals=handle_signals)
     try:
         return run.run()
+    except Exception as e:  # a full or read-only disk, wherever it was written (a callback's file, a checkpoint)
+        translated = None if isinstance(e, ClusterTrainerError) else disk_error(e)
+        if translated is None:
+            raise
+        raise translated from e
     finally:
         run.preemption.stop()
         run.writer.close()
+        run.files.close()  # the scratch copy of files/ on object stores: mirrored with every commit
         for source in (getattr(run, "train_source", None), getattr(run, "val_source", None)):
             if source is not None:
                 source.stop()  # a PyDataset's workers, when the run ended mid-pass
@@ -186,7 +199,8 @@ class _Run:
         self.writer = CheckpointWriter(store, max_in_flight=job.checkpoint.max_in_flight)
         self.writer.last_committed = resume.name if resume else None
         self.files = RunFiles(store.storage)
-        self.run_id = resume.state.get("run_id") if resume else uuid.uuid4().hex  # one id for all attempts
+        # One id for all attempts: the resumed checkpoint's, or the one the run's first attempt recorded.
+        self.run_id = (resume.state.get("run_id") if resume else None) or store.run_id() or uuid.uuid4().hex
         self.preemption = preemption
 
     # -- set-up ------------------------------------------------------------
@@ -217,6 +231,7 @@ class _Run:
             if self.val_source is not None:
                 self.model.make_test_function()
         prepare_capture(self.model)
+        self.files.check()  # before any callback opens a file there
         if self.resume is not None:
             self.files.restore()
         self.run_context = RunContext(uri=self.uri, files_dir=self.files.local_dir)
@@ -316,8 +331,6 @@ class _Run:
         if self.resume is not None:
             # Every check before the first write: a mismatch changes nothing stored.
             self._check_config(self.resume)
-            check_model_fits(self.model, self.resume.state["variables"])
-            callback_state.check_matches(self.stateful_callbacks, self.resume.state["callbacks"])
             position = Position(**self.resume.state["position"])
             if position.finished and (position.stop_training or position.epoch >= self.job.epochs):
                 # Before on_train_begin: a no-op rerun opens no files and starts no callbacks.
@@ -326,8 +339,11 @@ class _Run:
                 history = next((s for k, s in self.resume.state["callbacks"].items() if k.endswith("-History")), {})
                 return RunResult(self.uri, "already_complete", self.resume.attempt, position,
                                  history.get("history", {}), self.resume.name)
+        if self.preemption.notice is not None:  # it came during start-up: nothing to commit yet
+            raise started_too_late(self.preemption.notice.source)
         # Registered before anything is written: from now on an older process of this run cannot commit.
-        self.attempt = register_attempt(self.store.storage, resumed_from_sequence=self.resume.sequence if self.resume else 0)
+        self.attempt = register_attempt(self.store.storage, resumed_from_sequence=self.resume.sequence if self.resume else 0,
+                                        run_id=self.run_id)
         self.sequence = self.store.highest_sequence()  # past anything written, committed or not
         self.recorder = HistoryRecorder(self.attempt, every_steps=self.job.history_every_steps)
         if self.resume is not None:
@@ -538,6 +554,8 @@ class _Run:
         return float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
 
     def _check_config(self, checkpoint: Checkpoint) -> None:
+        """Refuse what cannot resume (batches, model, callbacks); then warn of a changed config, which may be
+        deliberate. A refusal names a config change that explains it, and no warning comes before it."""
         stored = checkpoint.state["job"]
         stored_fit = stored.get("fit_arguments") or _fit_arguments(None)  # older checkpoints: fit's defaults
         current_fit = _fit_arguments(self.job)
@@ -552,11 +570,19 @@ class _Run:
                 f"the job now has {', '.join(f'{k}={now[k]!r}' for k in changed)}. "
                 "Resuming would feed different batches: restore them, or use another --storage URI"
             )
-        changed = sorted(k for k in current_fit if k not in order and stored_fit[k] != current_fit[k])
+        changed = sorted(k for k in set(stored["config"]) | set(self.job.config) if stored["config"].get(k) != self.job.config.get(k))
+        try:
+            check_model_fits(self.model, checkpoint.state["variables"])
+            callback_state.check_matches(self.stateful_callbacks, checkpoint.state["callbacks"])
+        except StateMismatchError as e:
+            if not changed:
+                raise
+            was = ", ".join(f"{k}={stored['config'].get(k)!r} (now {self.job.config.get(k)!r})" for k in changed)
+            raise StateMismatchError(f"config differs from the run's checkpoint in {was}, and {e}") from None
+        changed_fit = sorted(k for k in current_fit if k not in order and stored_fit[k] != current_fit[k])
+        if changed_fit:
+            self.echo(f"warning: {', '.join(changed_fit)} differ(s) from the run's checkpoint; continuing with the new values")
         if changed:
-            self.echo(f"warning: {', '.join(changed)} differ(s) from the run's checkpoint; continuing with the new values")
-        if stored["config"] != self.job.config:
-            changed = sorted(k for k in set(stored["config"]) | set(self.job.config) if stored["config"].get(k) != self.job.config.get(k))
             self.echo(f"warning: config differs from the run's checkpoint in {changed}; continuing with the new values")
 
     def _result(self, status: str) -> RunResult:
