@@ -614,8 +614,8 @@ def _run_step(function: Callable, iterator) -> dict | None:
 
 def _fit_arguments(job: Job | None) -> dict:
     """The job's `fit` arguments (their defaults for None) as JSON keeps them (class weights as [class, weight] pairs)."""
-    names = ("steps_per_epoch", "shuffle", "class_weight", "validation_steps", "validation_batch_size", "validation_freq")
-    values = {name: getattr(job, name) if job else Job.__dataclass_fields__[name].default for name in names}
+    values = {name: getattr(job, name) if job else Job.__dataclass_fields__[name].default
+              for name in run_state.FIT_ARGUMENTS}
     if values["class_weight"]:
         values["class_weight"] = sorted([k, v] for k, v in values["class_weight"].items())
     if isinstance(values["validation_freq"], tuple):
