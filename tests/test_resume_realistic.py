@@ -1,67 +1,44 @@
-"""Realistic jobs killed with SIGKILL and resumed on 2 replicas end bitwise equal to their uninterrupted runs.
+"""A realistic CNN killed with SIGKILL and resumed on 2 replicas ends bitwise equal to its uninterrupted run.
 
-Two jobs a Keras user writes (in tests/jobs/), each run through the CLI on
-MirroredStrategy over 2 logical CPU devices:
-
-- `augmented_cnn`: RandomFlip/RandomRotation/RandomZoom with seeds, Conv2D ->
-  BatchNormalization -> Dropout, AdamW on a CosineDecay schedule. Each replica
-  keeps its own copy of BatchNormalization's moving statistics; before they were
-  stored per replica, validation after a resume differed from the uninterrupted
-  run (val_loss by 1e-4).
-- `tfrecord_accumulation`: a TFRecord builder TensorFlow cannot count,
-  EarlyStopping on the training loss, AdamW with gradient accumulation. Before,
-  such an epoch reported no training loss (EarlyStopping never fired), and
-  accumulation failed inside the step under MirroredStrategy.
+The job (tests/jobs/realistic_cnn.py) is what a Keras user writes for images on
+disk, run through the CLI on MirroredStrategy over 2 logical CPU devices: a
+TFRecord builder TensorFlow cannot count, RandomFlip/RandomRotation/RandomZoom
+with seeds, Conv2D -> BatchNormalization -> Dropout, AdamW on a CosineDecay
+schedule with gradient accumulation, and EarlyStopping on the training loss.
+Before this test, each of these broke a resume or the run: the epoch of
+unknown length reported no training loss (EarlyStopping never fired),
+accumulation failed inside the step under MirroredStrategy, and validation after
+a resume differed from the uninterrupted run's (val_loss by 1e-4), because only
+the first replica's copy of BatchNormalization's moving statistics was kept.
 """
 
 import pytest
 
 from harness import assert_bitwise_equal_runs, cli, latest, run_and_kill_at, train_cmd
 
-pytestmark = pytest.mark.slow  # each test runs three training processes
+pytestmark = pytest.mark.slow  # three training processes
 
 
-@pytest.fixture(scope="module")
-def records_dir(tmp_path_factory):
-    """Where the TFRecord job writes its records (once, on first import), shared by its runs."""
-    return tmp_path_factory.mktemp("records")
-
-
-def uninterrupted(tmp_path_factory, name: str, **env) -> str:
-    storage = tmp_path_factory.mktemp(f"{name}-reference") / "run"
-    result = cli(*train_cmd(storage), CT_TEST_JOB=name, **env)
+def test_cnn_with_tfrecords_batchnorm_augmentation_schedule_and_accumulation_resumes_bitwise_on_2_replicas(
+        tmp_path, tmp_path_factory):
+    env = {"CT_TEST_JOB": "realistic_cnn", "CT_TEST_DATA_DIR": str(tmp_path_factory.mktemp("records"))}
+    reference = tmp_path_factory.mktemp("realistic-reference") / "run"
+    result = cli(*train_cmd(reference), **env)
     assert result.returncode == 0, result.stderr
-    return storage
-
-
-def test_cnn_with_batchnorm_augmentation_and_cosine_decay_resumes_bitwise_on_2_replicas(tmp_path, tmp_path_factory):
-    reference = uninterrupted(tmp_path_factory, "augmented_cnn")
-    # The copies of the moving statistics really differ between the replicas (else this proves nothing).
-    per_replica = {e["stable_path"] for e in latest(reference).state["variables"] if e.get("replicas")}
+    state = latest(reference).state
+    # What makes the comparison mean something: every epoch reported its training metrics, EarlyStopping on
+    # the loss stopped the run, and the replicas' copies of the moving statistics really differ.
+    history = state["callbacks"]["02-History"]["history"]
+    assert len(history["loss"]) == len(history["accuracy"]) == len(history["val_loss"]) == 4, history
+    assert state["callbacks"]["00-EarlyStopping"]["stopped_epoch"] == 3 and state["position"]["stop_training"]
+    per_replica = {e["stable_path"] for e in state["variables"] if e.get("replicas")}
     assert {"sequential/batch_normalization/moving_mean", "sequential/batch_normalization/moving_variance"} <= per_replica
 
     storage = tmp_path / "run"
-    run_and_kill_at(storage, "train_batch_begin:12", tmp_path, expect={"epoch": 1, "batch": 4}, CT_TEST_JOB="augmented_cnn")
-    resumed = cli(*train_cmd(storage), CT_TEST_JOB="augmented_cnn")
-    assert resumed.returncode == 0, resumed.stderr
-    assert "epoch 2, batch 4 (global step 12), attempt 2" in resumed.stderr
-    assert_bitwise_equal_runs(latest(reference), latest(storage))
-
-
-def test_tfrecord_epochs_of_unknown_length_with_early_stopping_on_loss_and_gradient_accumulation_resume_bitwise(
-        records_dir, tmp_path, tmp_path_factory):
-    env = {"CT_TEST_JOB": "tfrecord_accumulation", "CT_TEST_DATA_DIR": str(records_dir)}
-    reference = uninterrupted(tmp_path_factory, "tfrecord_accumulation", CT_TEST_DATA_DIR=str(records_dir))
-    state = latest(reference).state
-    history = state["callbacks"]["02-History"]["history"]
-    assert len(history["loss"]) == len(history["accuracy"]) == 4, history  # every epoch reports its training metrics
-    assert state["callbacks"]["00-EarlyStopping"]["stopped_epoch"] == 3 and state["position"]["stop_training"]
-
-    storage = tmp_path / "run"
-    # Step 14: in the middle of an accumulation of 3 (updates after steps 12 and 15), in the second epoch.
-    run_and_kill_at(storage, "train_batch_begin:14", tmp_path, expect={"epoch": 1, "batch": 4},
+    # Step 11: the second epoch's fourth batch, between two halves of an accumulated update.
+    run_and_kill_at(storage, "train_batch_begin:11", tmp_path, expect={"epoch": 1, "batch": 3},
                     CT_TEST_EVERY_STEPS="1", **env)
     resumed = cli(*train_cmd(storage), CT_TEST_EVERY_STEPS="1", **env)
     assert resumed.returncode == 0, resumed.stderr
-    assert "epoch 2, batch 4 (global step 14), attempt 2" in resumed.stderr
+    assert "epoch 2, batch 3 (global step 11), attempt 2" in resumed.stderr
     assert_bitwise_equal_runs(latest(reference), latest(storage))

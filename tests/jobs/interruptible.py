@@ -13,7 +13,7 @@ reference runs too, so both runs have the same callback list.
 to act while the run is training.
 
 `CT_TEST_JOB=mlp|cnn` picks the example job (a name found in `tests/jobs/`,
-like `augmented_cnn`, picks that test job); `CT_TEST_EVERY_STEPS` overrides its
+like `realistic_cnn`, picks that test job); `CT_TEST_EVERY_STEPS` overrides its
 checkpoint interval.
 """
 
