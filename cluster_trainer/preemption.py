@@ -132,6 +132,9 @@ class PreemptionWatcher:
         for number, handler in self._previous.items():
             signal.signal(number, handler)
         self._previous.clear()
+        global _handling_signals
+        if _handling_signals is self:
+            _handling_signals = None
         if self._wakeup is not None:
             signal.set_wakeup_fd(-1)
             os.close(self._wakeup[1])  # the reader thread sees end-of-file and ends, closing its end
@@ -151,10 +154,12 @@ class PreemptionWatcher:
             self._stop.wait(self.poll_seconds)
 
     def _install_signal_handlers(self) -> None:
+        global _handling_signals
         if threading.current_thread() is not threading.main_thread():
             return  # Python only delivers signals to the main thread
         for number in (signal.SIGTERM, signal.SIGINT):
             self._previous[number] = signal.signal(number, self._on_signal)
+        _handling_signals = self
         if _early_notices:  # a signal while the command started up: the first notice
             self._handled_signal = True
             self.notify(*_early_notices[0])
@@ -196,6 +201,48 @@ class PreemptionWatcher:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now, without waiting for the flush
         self._handled_signal = True
         self.notify(signal.Signals(number).name)
+
+
+# The watcher whose signal handlers are installed in this process, if any.
+_handling_signals: PreemptionWatcher | None = None
+_fork_masks = threading.local()  # the forking thread's signal mask, while it forks
+_NOTICE_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+def _block_notice_signals_before_fork() -> None:
+    """A process forked while a watcher's handlers are installed (a PyDataset's worker processes) inherits
+    them and the signal wakeup pipe it shares with this process: the SIGTERM that ends such a worker would
+    reach this process's pipe as a preemption notice, and the worker would shrug it off, leaving its pool
+    waiting for it. SIGTERM and SIGINT stay blocked in the forking thread until the child has dropped both."""
+    if _handling_signals is not None:
+        _fork_masks.previous = signal.pthread_sigmask(signal.SIG_BLOCK, _NOTICE_SIGNALS)
+
+
+def _unblock_after_fork_in_parent() -> None:
+    previous = getattr(_fork_masks, "previous", None)
+    if previous is not None:
+        _fork_masks.previous = None
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _forget_signals_after_fork_in_child() -> None:
+    """The child gets Python's own handlers back (SIGTERM ends it, SIGINT raises KeyboardInterrupt), not
+    the watcher's nor the start-up recorder's, and no wakeup pipe; a signal sent to it meanwhile waited,
+    blocked, and now gets them."""
+    previous = getattr(_fork_masks, "previous", None)
+    if _handling_signals is None or previous is None:
+        return
+    try:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    except ValueError:  # not the child's main thread: Python installed nothing there to undo
+        pass
+    signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+os.register_at_fork(before=_block_notice_signals_before_fork, after_in_parent=_unblock_after_fork_in_parent,
+                    after_in_child=_forget_signals_after_fork_in_child)
 
 
 # -- start-up ----------------------------------------------------------------------

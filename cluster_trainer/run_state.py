@@ -29,7 +29,11 @@ import numpy as np
 from cluster_trainer.errors import CheckpointError
 
 # The fields of `loop.Position` (a test keeps the two equal).
-POSITION_FIELDS = ("epoch", "batch", "global_step", "stop_training", "finished", "train_logs")
+POSITION_FIELDS = ("epoch", "batch", "global_step", "stop_training", "finished", "train_logs", "data_pass",
+                   "data_offset")
+# `loop._fit_arguments`: what a resume compares with the job's (older checkpoints have none).
+FIT_ARGUMENTS = ("steps_per_epoch", "shuffle", "class_weight", "validation_steps", "validation_batch_size",
+                 "validation_freq")
 _PYTHON_RNG_WORDS = 625  # random.getstate(): (3, 624 words and the index, gauss)
 
 
@@ -77,6 +81,10 @@ def _position_problem(position: dict) -> str | None:
             return f"position.{field} is not true or false"
     if position.get("train_logs") is not None and not isinstance(position["train_logs"], dict):
         return "position.train_logs is not an object"
+    if position.get("data_pass") is not None and not _natural(position["data_pass"]):
+        return "position.data_pass is not an integer >= 0"
+    if not _natural(position.get("data_offset", 0)):
+        return "position.data_offset is not an integer >= 0"
     return None
 
 
@@ -142,6 +150,23 @@ def _job_problem(job: dict) -> str | None:
             return f"job.{field} is not an integer >= 0"
     if job.get("source_path") is not None and not isinstance(job["source_path"], str):
         return "job.source_path is not a string"
+    return _fit_arguments_problem(job.get("fit_arguments"))
+
+
+def _fit_arguments_problem(arguments: Any) -> str | None:
+    if arguments is None:
+        return None
+    if not isinstance(arguments, dict) or sorted(arguments) != sorted(FIT_ARGUMENTS):
+        return f"job.fit_arguments is not an object of {', '.join(FIT_ARGUMENTS)}"
+    for field in ("steps_per_epoch", "validation_steps", "validation_batch_size"):
+        if arguments[field] is not None and not _natural(arguments[field]):
+            return f"job.fit_arguments.{field} is not an integer >= 0"
+    weights, freq = arguments["class_weight"], arguments["validation_freq"]
+    if not isinstance(arguments["shuffle"], bool) or not (weights is None or isinstance(weights, list) and all(
+            isinstance(pair, list) and len(pair) == 2 and _natural(pair[0]) and _number(pair[1]) for pair in weights)):
+        return "job.fit_arguments.shuffle or class_weight is of the wrong type"
+    if not (_natural(freq) or isinstance(freq, list) and all(_natural(epoch) for epoch in freq)):
+        return "job.fit_arguments.validation_freq is not an integer or a list of integers"
     return None
 
 

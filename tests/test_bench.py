@@ -42,6 +42,8 @@ def test_resume_benchmark_runs_at_smallest_size(tmp_path):
     assert "| local disk | 13 MB |" in out
     assert "| numpy arrays (ArraySource) | 20 |" in out
     assert "| tf.data builder: TFRecord, shuffle, map (DatasetSource) | 20 |" in out
+    assert "| keras.utils.PyDataset (PyDatasetSource) | 20 |" in out
+    assert "| tf.data.Dataset object: TFRecord, map, batch (DatasetObjectSource) | 20 |" in out
     assert {p.name for p in tmp_path.glob("*.png")} == {"bench_resume_restart.png", "bench_resume_data.png"}
 
 
