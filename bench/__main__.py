@@ -6,13 +6,14 @@
     python -m bench --only preemption --state-sizes 10 100 1000 --rerun-steps 1000 5000
     python -m bench --only resume --resume-batches 1000 10000
     python -m bench --only cadence --cadence-kills 8 --cadence-steps 200
+    python -m bench --only sweep --sweep-trials 16 --asha-trials 200
 """
 
 import argparse
 import os
 import platform
 
-from bench import cadence, checkpoint_io, loop_overhead, preemption, resume
+from bench import cadence, checkpoint_io, loop_overhead, preemption, resume, sweep_overhead
 from cluster_trainer.job import CheckpointPolicy
 
 
@@ -40,7 +41,8 @@ def run_process_benchmark(name: str, run, args, machine: str) -> dict:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["loop", "io", "preemption", "resume", "cadence"], help="run one benchmark")
+    parser.add_argument("--only", choices=["loop", "io", "preemption", "resume", "cadence", "sweep"],
+                        help="run one benchmark")
     parser.add_argument("--epochs", type=int, default=3, help="loop: timed epochs per repetition (default 3)")
     parser.add_argument("--repeats", type=int, help="interleaved repetitions (default 8 for loop, at its first width, 3 for the others)")
     parser.add_argument("--widths", type=int, nargs="+", default=[256, 1024],
@@ -74,6 +76,15 @@ if __name__ == "__main__":
                         help="cadence: SIGKILLs in the seeded schedule of the steps-re-run runs (default 8)")
     parser.add_argument("--cadence-methods", nargs="+", choices=list(cadence.METHODS), default=list(cadence.METHODS),
                         help="cadence: policies of the steps-re-run comparison (default all)")
+    parser.add_argument("--sweep-trials", type=int, default=8,
+                        help="sweep: trials of the overhead sweeps (default 8; the double variant runs twice as many)")
+    parser.add_argument("--asha-trials", type=int, default=200,
+                        help="sweep: trials of the ASHA sweep (default 200; 0 leaves it out)")
+    parser.add_argument("--trivial-trials", type=int, default=200,
+                        help="sweep: trials that only report, for the Tune driver's cost per trial (default 200)")
+    parser.add_argument("--sweep-variants", nargs="*", choices=["double", "fresh"], default=["double", "fresh"],
+                        help="sweep: besides the warm-worker sweep, one of twice the trials and one with a fresh "
+                             "process per trial (default both)")
     parser.add_argument("--write", action="store_true",
                         help="write the tables into docs/BENCHMARKS.md (and the plots into docs/*.png)")
     parser.add_argument("--plot-dir", metavar="DIR", help="write the plots into DIR (with --write, default docs/)")
@@ -111,3 +122,5 @@ if __name__ == "__main__":
             plots.data(results["data"], args.plot_dir)
     if args.only in (None, "cadence"):
         run_process_benchmark("cadence", cadence.run, args, machine)
+    if args.only in (None, "sweep"):
+        run_process_benchmark("sweep", sweep_overhead.run, args, machine)

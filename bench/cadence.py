@@ -138,8 +138,12 @@ def simulated_reruns(points: list[int], every: int, steps_per_epoch: int) -> int
 
 def oracle_interval(points: list[int], steps_per_epoch: int, total: int, save_seconds: float,
                     step_seconds: float) -> int:
-    """The fixed interval with the fewest steps re-run on `points` among those whose saves cost at most the budget."""
-    smallest = max(1, math.ceil(save_seconds / (BUDGET * step_seconds)))
+    """The fixed interval with the fewest steps re-run on `points` among those whose saves cost at most the budget.
+
+    Where even one save in the whole run costs more (a small run with a large state, or a loaded machine),
+    that is an interval of the whole run: epoch-end commits only.
+    """
+    smallest = min(total, max(1, math.ceil(save_seconds / (BUDGET * step_seconds))))
     return min(range(smallest, total + 1), key=lambda every: (simulated_reruns(points, every, steps_per_epoch), every))
 
 

@@ -462,8 +462,9 @@ def describe_state(stored: dict) -> list[str]:
         lines.append(f"saves      {described}" + (' (every_steps="auto")' if stored.get("policy") == "auto" else ""))
     flush = _seconds(stored.get("flush_seconds"))
     if flush is not None:
-        windows = [w for w in stored.get("windows") or []
-                   if isinstance(w, dict) and _seconds(w.get("seconds")) is not None]
+        stored_windows = stored.get("windows")
+        windows = [w for w in stored_windows if isinstance(w, dict) and _seconds(w.get("seconds")) is not None] \
+            if isinstance(stored_windows, list) else []
         short = [w for w in windows if flush > w["seconds"]]
         named = lambda some: ", ".join(f"{w.get('name')} ({w['seconds']:g} s)" for w in some)  # noqa: E731
         verdict = f", longer than {named(short)}" if short else f", within {named(windows)}" if windows else ""

@@ -321,6 +321,10 @@ def compare_runs(reference: Checkpoint, other: Checkpoint, python_rng: bool = Tr
 
 def _comparable(part: str, state):
     """`state` without what differs by design between an interrupted and an uninterrupted run."""
+    if part == "variables":
+        # A model built twice in one process gets other auto-generated layer names (`dense_1`); the
+        # stable path beside each name is what must match.
+        return [{k: v for k, v in entry.items() if k != "path"} for entry in state]
     if part != "callbacks":
         return state
     # TensorBoard's event file lengths: every process writes files of its own, so an interrupted run

@@ -35,6 +35,7 @@ the platform (GKE spot pods ~15 s, AWS spot 120 s).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -45,7 +46,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 from cluster_trainer.errors import EXIT_PREEMPTED, ClusterTrainerError, ConfigError
 
@@ -137,13 +138,14 @@ class PreemptionWatcher:
         # What a flush takes now, for sources that time their notice by it (`Cadence.flush_seconds`).
         self.flush_estimate: Callable[[], float | None] = lambda: None
 
-    def notify(self, source: str, deadline_in: float | None = None) -> None:
+    def notify(self, source: str, deadline_in: float | None = None, received_at: float | None = None) -> None:
         """Record a notice (the first one wins; a later notice does not move the deadline).
 
         `deadline_in` is capped at the grace period: a source that does not know
         the deadline, or reports a far one, still gets the state committed soon.
+        `received_at` (`time.monotonic()`) is when it came, if not now.
         """
-        now = time.monotonic()
+        now = time.monotonic() if received_at is None else received_at
         with self._notice_lock:  # the signal handler and the wakeup thread may record the same signal
             if self.notice is None:
                 left = self.grace_seconds if deadline_in is None else min(deadline_in, self.grace_seconds)
@@ -183,6 +185,9 @@ class PreemptionWatcher:
         for number, handler in self._previous.items():
             signal.signal(number, handler)
         self._previous.clear()
+        global _handling_signals
+        if _handling_signals is self:
+            _handling_signals = None
         if self._wakeup is not None:
             signal.set_wakeup_fd(-1)
             os.close(self._wakeup[1])  # the reader thread sees end-of-file and ends, closing its end
@@ -205,10 +210,15 @@ class PreemptionWatcher:
             self._stop.wait(self.poll_seconds)
 
     def _install_signal_handlers(self) -> None:
+        global _handling_signals
         if threading.current_thread() is not threading.main_thread():
             return  # Python only delivers signals to the main thread
         for number in (signal.SIGTERM, signal.SIGINT):
             self._previous[number] = signal.signal(number, self._on_signal)
+        _handling_signals = self
+        if _early_notices:  # a signal while the command started up: the first notice
+            self._handled_signal = True
+            self.notify(*_early_notices[0])
         self._watch_signal_arrivals()
 
     def _watch_signal_arrivals(self) -> None:
@@ -247,6 +257,93 @@ class PreemptionWatcher:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now, without waiting for the flush
         self._handled_signal = True
         self.notify(signal.Signals(number).name)
+
+
+# The watcher whose signal handlers are installed in this process, if any.
+_handling_signals: PreemptionWatcher | None = None
+_fork_masks = threading.local()  # the forking thread's signal mask, while it forks
+_NOTICE_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+def _block_notice_signals_before_fork() -> None:
+    """A process forked while a watcher's handlers are installed (a PyDataset's worker processes) inherits
+    them and the signal wakeup pipe it shares with this process: the SIGTERM that ends such a worker would
+    reach this process's pipe as a preemption notice, and the worker would shrug it off, leaving its pool
+    waiting for it. SIGTERM and SIGINT stay blocked in the forking thread until the child has dropped both."""
+    if _handling_signals is not None:
+        _fork_masks.previous = signal.pthread_sigmask(signal.SIG_BLOCK, _NOTICE_SIGNALS)
+
+
+def _unblock_after_fork_in_parent() -> None:
+    previous = getattr(_fork_masks, "previous", None)
+    if previous is not None:
+        _fork_masks.previous = None
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _forget_signals_after_fork_in_child() -> None:
+    """The child gets Python's own handlers back (SIGTERM ends it, SIGINT raises KeyboardInterrupt), not
+    the watcher's nor the start-up recorder's, and no wakeup pipe; a signal sent to it meanwhile waited,
+    blocked, and now gets them."""
+    previous = getattr(_fork_masks, "previous", None)
+    if _handling_signals is None or previous is None:
+        return
+    try:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    except ValueError:  # not the child's main thread: Python installed nothing there to undo
+        pass
+    signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+os.register_at_fork(before=_block_notice_signals_before_fork, after_in_parent=_unblock_after_fork_in_parent,
+                    after_in_child=_forget_signals_after_fork_in_child)
+
+
+# -- start-up ----------------------------------------------------------------------
+
+_early_notices: list[tuple[str, float]] = []  # (signal name, time.monotonic()) of a SIGTERM during start-up
+
+
+@contextlib.contextmanager
+def early_signals() -> Iterator[None]:
+    """While a command starts (TensorFlow imports for seconds, the job file loads), SIGTERM is recorded
+    instead of killing the process; a `PreemptionWatcher` started inside takes it as its first notice.
+
+    The run then stops before training, with exit code 75 (`started_too_late`): nothing was
+    committed, and the same command resumes or starts it. Main thread only; elsewhere a no-op.
+
+    Example:
+        >>> with early_signals():
+        ...     early_notice() is None
+        True
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def record(number, frame):
+        if not _early_notices:
+            _early_notices.append((signal.Signals(number).name, time.monotonic()))
+
+    previous = signal.signal(signal.SIGTERM, record)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _early_notices.clear()
+
+
+def early_notice() -> str | None:
+    """The signal `early_signals` recorded (e.g. "SIGTERM"), or None."""
+    return _early_notices[0][0] if _early_notices else None
+
+
+def started_too_late(source: str) -> PreemptedError:
+    """The error of a run noticed before its first step: nothing was written."""
+    return PreemptedError(f"preempted ({source}) before training started; nothing was written. "
+                          "Run the same command again")
 
 
 # -- polled sources --------------------------------------------------------------

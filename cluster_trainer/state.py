@@ -10,6 +10,12 @@ What is captured, in four groups that together are what
   SyncOnRead variables whose replicas hold partial sums; restoring the sum
   (which `assign` splits evenly) changes the last digit of the reported
   metric, restoring each replica's part keeps it bitwise equal,
+- layer state whose replica copies differ, *per replica*: BatchNormalization's
+  moving statistics are mirrored variables that each replica updates from its
+  own part of the batch (in `fit` too), so the copies drift apart; restoring
+  one copy to every replica changes validation after a resume. Non-trainable
+  variables are read on every replica and stored per replica when the copies
+  differ (weights and optimizer slots are updated in step on every replica),
 
 plus the process-global RNGs a callback or layer may draw from (Keras's global
 SeedGenerator, NumPy's and Python's global generators).
@@ -76,12 +82,16 @@ def _describe(model) -> list[dict]:
     return entries
 
 
-def _components(variable) -> list:
+def _components(variable, group: str) -> list:
     """The plain variables to read for `variable`: each replica's part of a SyncOnRead variable,
-    the primary replica of a mirrored one, else the variable itself."""
+    each replica's copy of a mirrored non-trainable one (layer state, which may differ between
+    replicas), the primary replica of another mirrored one, else the variable itself."""
     parts = keras_compat.sync_on_read_parts(variable)
     if parts is not None:
         return parts
+    copies = keras_compat.mirrored_copies(variable) if group == "non_trainable" else None
+    if copies is not None:
+        return copies
     backing = keras_compat.backing_variable(variable)
     return [getattr(backing, "primary", backing)]
 
@@ -104,9 +114,9 @@ class _Reader:
         return [variable.read_value() for variable in self.variables]
 
 
-def _read_all(model, variables: list) -> list[list]:
+def _read_all(model, entries: list[dict]) -> list[list]:
     """Each variable's component values, as tensors, read in one `tf.function` call."""
-    components = [_components(v) for v in variables]
+    components = [_components(e["variable"], e["key"].split("/")[1]) for e in entries]
     flat = [c for group in components for c in group]
     ids = tuple(id(c) for c in flat)
     cached = _READERS.get(model)
@@ -119,7 +129,7 @@ def _read_all(model, variables: list) -> list[list]:
 
 def prepare_capture(model) -> None:
     """Compile the read that `capture_model_state` makes, so the first save does not pay for it."""
-    _read_all(model, [entry["variable"] for entry in _describe(model)])
+    _read_all(model, _describe(model))
 
 
 def capture_model_state(model, copy: bool = True) -> tuple[dict[str, np.ndarray], list[dict]]:
@@ -136,12 +146,15 @@ def capture_model_state(model, copy: bool = True) -> tuple[dict[str, np.ndarray]
     each variable (key, path, shape, dtype, replicas) for strict restore.
     """
     entries = _describe(model)
+    read = _read_all(model, entries)
     variables = [entry.pop("variable") for entry in entries]
     as_array = np.array if copy else np.asarray
     tensors: dict[str, np.ndarray] = {}
-    for entry, variable, values in zip(entries, variables, _read_all(model, variables)):
-        if keras_compat.sync_on_read_parts(variable) is not None:
-            tensors[entry["key"]] = np.stack([np.asarray(v) for v in values])  # a new array
+    for entry, variable, values in zip(entries, variables, read):
+        per_replica = [np.asarray(v) for v in values] if len(values) > 1 else None
+        if per_replica is not None and (keras_compat.sync_on_read_parts(variable) is not None
+                                        or any(not np.array_equal(per_replica[0], v) for v in per_replica[1:])):
+            tensors[entry["key"]] = np.stack(per_replica)  # a new array
             entry["replicas"] = len(values)
         else:
             tensors[entry["key"]] = as_array(values[0])
@@ -179,30 +192,43 @@ def check_model_fits(model, index: list[dict]) -> None:
         )
 
 
-def restore_model_state(model, tensors: dict[str, np.ndarray], index: list[dict]) -> None:
+def restore_model_state(model, tensors: dict[str, np.ndarray], index: list[dict]) -> list[str]:
     """Assign stored values to every variable of `model`; strict (see `check_model_fits`).
 
     Checks everything before assigning anything, so a mismatch leaves the
-    model untouched. Per-replica metric parts are restored per replica when the
-    replica count is the same, else their aggregate is assigned.
+    model untouched. Per-replica values (metric parts, differing copies of layer
+    state) are restored per replica when the replica count is the same; else a
+    metric's aggregate, or the first replica's copy of layer state, is assigned
+    to every replica.
+
+    Returns the paths of the variables restored that way (not bitwise what the
+    run that wrote the checkpoint would have continued with); empty when none.
     """
     check_model_fits(model, index)
     stored_by_key = {e["key"]: e for e in index}
+    fell_back = []
     for entry in _describe(model):
         variable = entry["variable"]
         value = tensors[entry["key"]]
         replicas = stored_by_key[entry["key"]].get("replicas")
         parts = keras_compat.sync_on_read_parts(variable)
+        if parts is None:
+            parts = keras_compat.mirrored_copies(variable)
         if replicas is None:
             variable.assign(value)
         elif parts is not None and len(parts) == replicas:
             for part, part_value in zip(parts, value):
                 part.assign(part_value)
         else:
-            variable.assign(_aggregate(variable, value))
+            variable.assign(_aggregate(variable, value, layer_state=entry["key"].startswith("model/non_trainable/")))
+            fell_back.append(entry["path"])
+    return fell_back
 
 
-def _aggregate(variable, per_replica: np.ndarray) -> np.ndarray:
+def _aggregate(variable, per_replica: np.ndarray, layer_state: bool) -> np.ndarray:
+    """What a read gives: the first replica's copy of layer state, the sum or mean of a metric's parts."""
+    if layer_state:
+        return per_replica[0]
     aggregation = str(getattr(variable, "aggregation", "sum")).lower()
     if "sum" in aggregation:
         return per_replica.sum(axis=0).astype(per_replica.dtype)

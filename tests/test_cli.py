@@ -9,7 +9,7 @@ import pytest
 
 from cluster_trainer.history import parquet_frame, read_history
 
-from harness import ROOT, cli, latest, tree_digest
+from harness import ROOT, TEST_JOB, cli, latest, tree_digest
 
 MLP = str(ROOT / "jobs" / "mlp.py")
 
@@ -28,7 +28,7 @@ def test_help_teaches_commands_and_exit_codes():
     [
         (["run", "no/such/job.py", "--storage", "x"], "job file not found"),
         (["run", MLP, "--storage", "x", "--set", "nosuch=1"], "no such config key; the job's keys are: lr, units"),
-        (["run", MLP, "--storage", "x", "--set", "units=wide"], "expected a int"),
+        (["run", MLP, "--storage", "x", "--set", "units=wide"], "expected an int"),
         (["run", MLP, "--storage", "nosuchscheme://bucket/run"], "cannot use storage URI"),
         (["status", "/nonexistent/run"], "no committed checkpoint under /nonexistent/run"),
     ],
@@ -86,7 +86,7 @@ def test_status_history_and_export_of_a_finished_run(mlp_reference, tmp_path):
     pd.testing.assert_frame_equal(parquet_frame(parquet.read_bytes()), read_history(str(mlp_reference)))
 
     out = tmp_path / "model.keras"
-    export = cli("export", str(mlp_reference), str(out))
+    export = cli("export", str(mlp_reference), str(out), "--job", TEST_JOB)
     assert export.returncode == 0, export.stderr
 
     import keras

@@ -35,7 +35,7 @@ def test_overrides_are_typed(text, expected):
     [
         ("lr", "expects key=value"),
         ("rate=0.1", "no such config key; the job's keys are: augment, clip, layers, lr, optimizer, units"),
-        ("units=1.5", "expected a int like 64, got float"),
+        ("units=1.5", "expected an int like 64, got float"),
         ("augment=yes", "expected a bool"),
     ],
 )

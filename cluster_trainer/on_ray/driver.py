@@ -37,9 +37,11 @@ from typing import Callable, Sequence
 from cluster_trainer.errors import EXIT_PREEMPTED, ConfigError, RunError
 from cluster_trainer.job import Job, Resources
 from cluster_trainer.on_ray import private
-from cluster_trainer.on_ray.actor import TrainActor, forwarded_env, job_spec
+from cluster_trainer.on_ray.actor import forwarded_env, job_spec
 from cluster_trainer.on_ray.connection import connect, disconnect, first_line
+from cluster_trainer.on_ray.pool import FreshActors
 from cluster_trainer.on_ray.retry import RetryPolicy
+from cluster_trainer.preemption import early_notice
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +112,7 @@ def run(
     notices: Sequence[str] | None = None,
     echo: Callable[[str], None] | None = None,
     on_progress: Callable[[], None] | None = None,
+    actors=None,
 ) -> RunOutcome:
     """Train `job` on Ray until it completes, surviving preemptions and lost nodes; resumes `storage`.
 
@@ -134,6 +137,10 @@ def run(
         on_progress: called in the driver every few seconds while an actor trains (e.g. to
             report the run's committed history to Ray Tune); whatever it raises ends the run,
             its actor killed, and propagates. Not called with `local=True`.
+        actors: where each single-worker attempt's actor comes from and goes: `acquire(options)`
+            returns one, `release(actor, healthy)` takes it back (healthy: its run finished).
+            Default `cluster_trainer.on_ray.pool.FreshActors()`, a new actor per attempt; a
+            sweep passes `WarmActors`, whose workers train one run after another.
 
     Returns a `RunOutcome`; raises `RunError` (or, with `local=True`, the loop's own errors),
     whose `exit_code` says why it stopped: 1 failed more than `max_failures` times, 2 bad input,
@@ -170,7 +177,7 @@ def run(
     retry.storage = storage
     driver = _Driver(job, storage, address=address, resources=resources or job.resources, echo=echo,
                      retry=retry, local_storage=local_storage,
-                     on_progress=on_progress,
+                     on_progress=on_progress, actors=actors,
                      attempt_args={"devices": devices, "epochs": epochs, "verbose": verbose,
                                    "storage_options": dict(storage_options or {}), "notices": list(notices or [])})
     return driver.run()
@@ -193,7 +200,7 @@ class _Stopped(Exception):
 
 class _Driver:
     def __init__(self, job: Job, storage: str, *, address, resources: Resources, echo, retry: RetryPolicy,
-                 local_storage: bool, attempt_args: dict, on_progress=None):
+                 local_storage: bool, attempt_args: dict, on_progress=None, actors=None):
         self.job = job
         self.storage = storage
         self.address = address
@@ -203,6 +210,7 @@ class _Driver:
         self.attempt_args = attempt_args
         self.local_storage = local_storage
         self.on_progress = on_progress
+        self.actor_source = actors or FreshActors()
         self.actors = 0
         self.stop_reason: str | None = None  # set by the first Ctrl-C / SIGTERM
         self.kill_now = False  # a second Ctrl-C
@@ -226,6 +234,7 @@ class _Driver:
             return
         for number in (signal.SIGINT, signal.SIGTERM):
             self._previous_handlers[number] = signal.signal(number, self._on_signal)
+        self.stop_reason = self.stop_reason or early_notice()  # a SIGTERM while the command started up
 
     def _restore_signal_handlers(self) -> None:
         for number, handler in self._previous_handlers.items():
@@ -264,18 +273,18 @@ class _Driver:
         env = forwarded_env()
         if env:
             options["runtime_env"] = {"env_vars": env}  # Ray merges it with the job's runtime_env
-        actor_class = ray.remote(TrainActor).options(**options)
         while True:
             self.actors += 1
             number = self.actors
-            actor = actor_class.remote()
+            actor = self.actor_source.acquire(options)
+            kind = None
             try:
                 kind, message, result = self._attempt(actor, number, spec)
             except _Stopped:
                 raise RunError(f"stopped by {self.stop_reason} while actor {number} was waiting for a node; nothing "
                                "was trained in it. Run the same command again to resume", EXIT_PREEMPTED) from None
             finally:
-                _kill(actor)  # a finished actor frees its node; a lost one is gone already
+                self.actor_source.release(actor, healthy=kind == "done")
 
             if kind == "done":
                 return RunOutcome(result["uri"], result["status"], result["attempt"], result["position"],
@@ -369,15 +378,6 @@ class _Driver:
                     left = f"{deadline_ms / 1000 - time.time():.0f}s before its deadline" if deadline_ms else "no deadline"
                     self.echo(f"node {node[:8]} is being drained ({left}): the actor commits at the next batch "
                               "boundary and stops")
-
-
-def _kill(actor) -> None:
-    import ray
-
-    try:
-        ray.kill(actor, no_restart=True)
-    except Exception as e:  # Ray unreachable while stopping: nothing more to do about this actor here
-        log.debug("could not kill actor: %s", e)
 
 
 def _draining_deadline(node: str) -> int | None:
