@@ -72,6 +72,11 @@ TUNE_DIR = "tune"
 # Versions of each file kept in the seal: Tune uploads in the background, so storage may hold
 # a version older than the newest sealed one when the driver dies.
 KEEP_VERSIONS = 4
+# Reads from the sweep's prefix are bounded, as every read of stored input is: a larger state file is
+# refused unread (a symlink to /dev/zero is refused before), a larger seal fails its MAC. Tune's
+# experiment state grows with the trials, a few kB each, so 1000 trials stay far below this.
+MAX_STATE_FILE_BYTES = 256 * 2**20
+MAX_SEAL_BYTES = 16 * 2**20
 # What Tune 2.60 unpickles: at the top of its experiment directory (tuner.pkl, experiment_state-*.json,
 # searcher-state-*.pkl, search_gen_state-*.json, basic-variant-state-*.json, callback-states-*.pkl, and
 # any other pickle), and in each trial's directory, error.pkl (params.pkl there is written, never read).
@@ -143,7 +148,7 @@ class TuneStateSeal:
         """The sealed versions (an empty seal when there is none yet); refuses a seal this key did not write."""
         if self._files is None:
             try:
-                raw = self.store.get(SEAL_FILE)
+                raw = self.store.get(SEAL_FILE, limit=MAX_SEAL_BYTES)
             except FileNotFoundError:
                 self._files = {}
                 return self._files
@@ -182,7 +187,16 @@ class TuneStateSeal:
 
     def record_stored(self, name: str) -> None:
         """Seal `name` as it is in storage now (Tune writes `tuner.pkl` there itself)."""
-        self.record(name, self.store.get(name))
+        self.record(name, self._read_state_file(name))
+
+    def _read_state_file(self, name: str) -> bytes:
+        data = self.store.get(name, limit=MAX_STATE_FILE_BYTES + 1)
+        if len(data) > MAX_STATE_FILE_BYTES:
+            raise SweepStateError(
+                f"the Ray Tune state {name} of the sweep at {self.store.uri} is larger than "
+                f"{MAX_STATE_FILE_BYTES // 2**20} MiB, more than any sweep's: it is not read. Start the sweep again "
+                "at a new --storage")
+        return data
 
     def record_staging(self, staging_dir: str) -> None:
         """Seal what Tune just wrote to its local staging directory, before it uploads it to `<sweep>/tune/`."""
@@ -209,7 +223,7 @@ class TuneStateSeal:
                 "by another program, or by a cluster-trainer older than the seal): continuing would unpickle it, "
                 "which runs code. Start the sweep again at a new --storage")
         for name in names:
-            if self._mac(name, self.store.get(name)) not in files.get(name, []):
+            if self._mac(name, self._read_state_file(name)) not in files.get(name, []):
                 run_dir = self.store.path("<trial id>")
                 raise SweepStateError(
                     f"the Ray Tune state {name} of the sweep at {self.store.uri} was not written by this sweep's "

@@ -21,7 +21,7 @@ import pytest
 from cluster_trainer.history import read_history
 from cluster_trainer.storage import Storage
 from cluster_trainer.sweep import make_searcher, parse_space, read_trials
-from cluster_trainer.sweep_seal import KEY_FILE_ENV, SweepStateError, TuneStateSeal, load_key
+from cluster_trainer.sweep_seal import KEY_FILE_ENV, MAX_STATE_FILE_BYTES, SweepStateError, TuneStateSeal, load_key
 from harness import (ROOT, TEST_JOB, Driver, assert_bitwise_equal_runs, cli, cli_env, latest, train_cmd, tree_digest,
                      wait_until)
 from ray_cluster import RayCluster
@@ -290,6 +290,7 @@ def test_a_sweep_whose_tuner_pkl_was_replaced_is_refused_in_one_line_and_never_u
     ("trial error", "tune/_trial_1/error.pkl of the sweep"),
     ("unsealed", "is not sealed (tune-seal.json is missing"),
     ("another key", "was not written with this machine's sweep key"),
+    ("oversized", "is larger than 256 MiB, more than any sweep"),
 ])
 def test_tune_state_the_driver_did_not_seal_is_refused_before_it_is_read(tamper, message, tmp_path, monkeypatch):
     sweep, seal = _sealed_sweep(tmp_path, monkeypatch)
@@ -301,6 +302,9 @@ def test_tune_state_the_driver_did_not_seal_is_refused_before_it_is_read(tamper,
         (sweep / "tune" / "_trial_1" / "error.pkl").write_bytes(pickle.dumps(_CreatesFileWhenUnpickled(marker)))
     elif tamper == "unsealed":
         (sweep / "tune-seal.json").unlink()
+    elif tamper == "oversized":  # a sparse file: refused by its size, never read whole
+        with open(sweep / "tune" / "experiment_state-1.json", "wb") as f:
+            f.truncate(MAX_STATE_FILE_BYTES + 1)
     else:
         (sweep / "tune-seal.json").unlink()
         TuneStateSeal(Storage(str(sweep)), b"another driver's key!").record("tune/tuner.pkl", b"")
