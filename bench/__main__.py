@@ -5,6 +5,7 @@
     python -m bench --only io --sizes 10 100 1000
     python -m bench --only preemption --state-sizes 10 100 1000 --rerun-steps 1000 5000
     python -m bench --only resume --resume-batches 1000 10000
+    python -m bench --only cadence --cadence-kills 8 --cadence-steps 200
     python -m bench --only sweep --sweep-trials 16 --asha-trials 200
 """
 
@@ -12,7 +13,7 @@ import argparse
 import os
 import platform
 
-from bench import checkpoint_io, loop_overhead, preemption, resume, sweep_overhead
+from bench import cadence, checkpoint_io, loop_overhead, preemption, resume, sweep_overhead
 from cluster_trainer.job import CheckpointPolicy
 
 
@@ -40,7 +41,8 @@ def run_process_benchmark(name: str, run, args, machine: str) -> dict:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["loop", "io", "preemption", "resume", "sweep"], help="run one benchmark")
+    parser.add_argument("--only", choices=["loop", "io", "preemption", "resume", "cadence", "sweep"],
+                        help="run one benchmark")
     parser.add_argument("--epochs", type=int, default=3, help="loop: timed epochs per repetition (default 3)")
     parser.add_argument("--repeats", type=int, help="interleaved repetitions (default 8 for loop, at its first width, 3 for the others)")
     parser.add_argument("--widths", type=int, nargs="+", default=[256, 1024],
@@ -64,6 +66,16 @@ if __name__ == "__main__":
     parser.add_argument("--shard-mb", type=int, default=CheckpointPolicy.shard_mb,
                         help=f"preemption flush: the run's checkpoint shard size in MiB (default {CheckpointPolicy.shard_mb}, "
                              "the CheckpointPolicy default)")
+    parser.add_argument("--cadence-width", type=int, default=1024,
+                        help="cadence: hidden units of the MLP of the steps/s comparison (default 1024)")
+    parser.add_argument("--cadence-steps", type=int, default=200,
+                        help="cadence: steps per epoch of the steps-re-run runs (default 200)")
+    parser.add_argument("--cadence-mb", type=int, default=10,
+                        help="cadence: state size in MB of the steps-re-run runs' Dense model (default 10)")
+    parser.add_argument("--cadence-kills", type=int, default=8,
+                        help="cadence: SIGKILLs in the seeded schedule of the steps-re-run runs (default 8)")
+    parser.add_argument("--cadence-methods", nargs="+", choices=list(cadence.METHODS), default=list(cadence.METHODS),
+                        help="cadence: policies of the steps-re-run comparison (default all)")
     parser.add_argument("--sweep-trials", type=int, default=8,
                         help="sweep: trials of the overhead sweeps (default 8; the double variant runs twice as many)")
     parser.add_argument("--asha-trials", type=int, default=200,
@@ -108,5 +120,7 @@ if __name__ == "__main__":
 
             plots.restarts(results["restarts"], args.plot_dir)
             plots.data(results["data"], args.plot_dir)
+    if args.only in (None, "cadence"):
+        run_process_benchmark("cadence", cadence.run, args, machine)
     if args.only in (None, "sweep"):
         run_process_benchmark("sweep", sweep_overhead.run, args, machine)

@@ -401,6 +401,7 @@ def _resources(args, default):
 
 
 def _status(args) -> int:
+    from cluster_trainer.cadence import describe_state
     from cluster_trainer.checkpoint import CheckpointStore
     from cluster_trainer.history import RUN_COLUMNS, latest_checkpoint
     from cluster_trainer.storage import Storage
@@ -424,6 +425,7 @@ def _status(args) -> int:
         "committed_checkpoints": CheckpointStore(Storage(args.uri, options)).committed(),
         "last_epoch": epochs[-1] if epochs else None,
         "resumed_epochs": sum(1 for row in epochs if row["resumed"]),
+        "cadence": state.get("cadence") if isinstance(state.get("cadence"), dict) else None,
     }
     if args.json:
         print(json.dumps(info, indent=2, default=float))
@@ -438,6 +440,8 @@ def _status(args) -> int:
         metrics = "  ".join(f"{k}={v:.6g}" for k, v in last.items()
                             if k not in ("epoch", "global_step", *RUN_COLUMNS) and v is not None)
         print(f"last epoch {last['epoch']}: {metrics}  ({last['epoch_seconds']:.1f}s)")
+    for line in describe_state(info["cadence"] or {}):
+        print(line)
     return EXIT_OK
 
 

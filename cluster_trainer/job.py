@@ -25,7 +25,13 @@ class CheckpointPolicy:
     """When checkpoints are committed, which are kept, and how they are written.
 
     Args:
-        every_steps: commit after every N training steps (None: never mid-epoch).
+        every_steps: "auto" (recommended): the run paces its commits from what it
+            measures (what a save costs the training thread, what a commit takes on
+            this store, the step time, the interruptions its attempts have seen;
+            see `cluster_trainer.cadence`); or commit after every N training steps;
+            or None: never mid-epoch.
+        max_overhead: with `every_steps="auto"`, the share of training time saves
+            may cost the training thread (0.03: 3%).
         every_epoch: commit at the end of every epoch (after `on_epoch_end`).
         keep_last: how many of the newest committed checkpoints to keep.
         keep_best: an epoch metric (e.g. "val_loss"): also keep the epoch-end
@@ -38,9 +44,12 @@ class CheckpointPolicy:
     Example:
         >>> CheckpointPolicy(every_steps=100, keep_last=2, keep_best="val_loss").retention().keep_best
         'val_loss'
+        >>> CheckpointPolicy(every_steps="auto").max_overhead
+        0.03
     """
 
-    every_steps: int | None = None
+    every_steps: int | str | None = None
+    max_overhead: float = 0.03
     every_epoch: bool = True
     keep_last: int = 3
     keep_best: str | None = None
@@ -50,8 +59,15 @@ class CheckpointPolicy:
     max_in_flight: int = 1
 
     def __post_init__(self):
-        if self.every_steps is not None and (not isinstance(self.every_steps, int) or self.every_steps < 1):
-            raise JobError(f"CheckpointPolicy.every_steps must be an integer >= 1, or None; got {self.every_steps!r}")
+        every = self.every_steps
+        fixed = isinstance(every, int) and not isinstance(every, bool) and every >= 1
+        if every is not None and every != "auto" and not fixed:
+            raise JobError(f'CheckpointPolicy.every_steps must be an integer >= 1, "auto" (paced by what the run '
+                           f"measures) or None; got {every!r}")
+        overhead = self.max_overhead
+        if not isinstance(overhead, (int, float)) or isinstance(overhead, bool) or not 0 < overhead < 1:
+            raise JobError(f"CheckpointPolicy.max_overhead must be a fraction of training time between 0 and 1 "
+                           f"(0.03: 3%), got {overhead!r}")
         for field in ("keep_last", "shard_mb", "max_in_flight"):
             value = getattr(self, field)
             if not isinstance(value, int) or value < 1:
@@ -59,6 +75,9 @@ class CheckpointPolicy:
         self.retention()  # validates keep_last, best_mode, keep_every_epochs
 
     def due_at_step(self, global_step: int) -> bool:
+        """Whether a fixed interval commits at `global_step`; with "auto" the run's `Cadence` decides."""
+        if self.every_steps == "auto":
+            raise JobError('every_steps="auto" is decided by the run: ask cluster_trainer.cadence.Cadence.due()')
         return self.every_steps is not None and global_step % self.every_steps == 0
 
     def retention(self):

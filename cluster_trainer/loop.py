@@ -31,8 +31,10 @@ import keras
 import tensorflow as tf
 
 from cluster_trainer import callback_state, keras_compat, run_state
+from cluster_trainer.cadence import Cadence
 from cluster_trainer.checkpoint import Checkpoint, CheckpointStore, CheckpointWriter, register_attempt
 from cluster_trainer.data import as_source
+from cluster_trainer.deadlines import late_notice_warning, notice_windows
 from cluster_trainer.devices import enable_determinism, make_strategy
 from cluster_trainer.errors import CheckpointError, ClusterTrainerError, JobError, StateMismatchError
 from cluster_trainer.history import HistoryRecorder
@@ -196,7 +198,12 @@ class _Run:
         self.position = Position()
         self._last_logs = None  # the last train step's logs, as tensors
         self.copy_seconds: list[float] = []  # per save: the training thread's part of it
-        self.writer = CheckpointWriter(store, max_in_flight=job.checkpoint.max_in_flight)
+        # When to commit, from what saves, commits and steps take here; and whether a flush fits the notice windows.
+        self.cadence = Cadence(job.checkpoint, windows=notice_windows(preemption.grace_seconds, preemption.sources),
+                               echo=echo)
+        preemption.flush_estimate = self.cadence.flush_seconds
+        self.writer = CheckpointWriter(store, max_in_flight=job.checkpoint.max_in_flight,
+                                       on_committed=self.cadence.committed)
         self.writer.last_committed = resume.name if resume else None
         self.files = RunFiles(store.storage)
         # One id for all attempts: the resumed checkpoint's, or the one the run's first attempt recorded.
@@ -268,12 +275,15 @@ class _Run:
 
     # -- checkpoints ---------------------------------------------------------
 
-    def _commit(self, epoch_logs: dict | None = None, publish: bool = False, final_flush: bool = False) -> None:
+    def _commit(self, epoch_logs: dict | None = None, publish: bool = False, final_flush: bool = False,
+                early: bool = False) -> None:
         """Copy the state to host memory and queue its commit; the upload runs in the background.
 
         A `final_flush` (preemption: training stops here) takes the variables without a copy of
-        their own and leaves pruning old checkpoints to the next attempt.
+        their own and leaves pruning old checkpoints to the next attempt. `early`: a save on an
+        early warning.
         """
+        save_started = time.perf_counter()  # what the save costs the training thread, for the cadence
         keras_compat.flush_async_callbacks(self.callbacks)  # their state is read below
         copy_started = time.perf_counter()
         self.position.stop_training = bool(self.model.stop_training)
@@ -302,6 +312,7 @@ class _Run:
             },
             "host": socket.gethostname(),
             "history": self.recorder.state(),
+            "cadence": self.cadence.state(flush=final_flush),
         }
         published = self.recorder.deferred_tables() if publish or self.recorder.changed else None
         if self.writer.last_error is not None:
@@ -323,6 +334,8 @@ class _Run:
             published=published,
             prune=not final_flush,
         )
+        self.cadence.saved(self.position.global_step, time.perf_counter() - save_started,
+                           overhead=not (final_flush or self.position.finished), early=early)
 
     # -- the loop --------------------------------------------------------------
 
@@ -369,6 +382,10 @@ class _Run:
         for source in (self.train_source, self.val_source):
             if source is not None and source.describe():
                 self.echo(source.describe())
+        self.cadence.begin(self.attempt, self.position.global_step,
+                           stored=self.resume.state.get("cadence") if self.resume else None,
+                           resumed_attempt=self.resume.attempt if self.resume else None,
+                           resumed_finished=self.position.finished)
         self.position.finished = False
 
         training_logs = None
@@ -429,6 +446,7 @@ class _Run:
         iterator = iter(self.strategy.experimental_distribute_dataset(dataset))
         batch = start
         while steps is None or batch < steps:
+            step_started, uploading = time.perf_counter(), self.writer.in_flight() > 0
             self.callbacks.on_train_batch_begin(batch)
             step_logs = _run_step(self.model.train_function, iterator)
             if step_logs is None:
@@ -438,6 +456,7 @@ class _Run:
                 return logs, True
             logs = step_logs
             self.callbacks.on_train_batch_end(batch, logs)
+            self.cadence.step_done(time.perf_counter() - step_started, busy=uploading)
             batch += 1
             self._last_logs = logs
             self.position = dataclasses.replace(self.position, batch=batch, global_step=self.position.global_step + 1)
@@ -445,7 +464,12 @@ class _Run:
                 self.recorder.add_step(epoch, batch - 1, self.position.global_step, _pythonify(logs), self._learning_rate())
             if self.preemption.notice is not None:
                 self._flush_and_stop()
-            if job.checkpoint.due_at_step(self.position.global_step):
+            warnings = self.preemption.take_warnings()
+            if warnings:
+                self._save_early(warnings)
+            # Steps to the epoch-end commit: an "auto" save that would still be uploading then is left to it.
+            epoch_commit_in = steps - batch if job.checkpoint.every_epoch and steps else None
+            if self.cadence.due(self.position.global_step, self.writer.in_flight(), epoch_commit_in):
                 self._commit()
             if self.model.stop_training:
                 break
@@ -533,6 +557,9 @@ class _Run:
         step_wait = time.monotonic() - notice.received_at
         self.echo(f"preemption notice ({notice.source}): committing at epoch {p.epoch + 1}, batch {p.batch} "
                   f"(global step {p.global_step}); {notice.seconds_left():.1f}s to the deadline")
+        late = late_notice_warning(notice.seconds_left(), self.cadence.flush_seconds(), self.writer.last_committed)
+        if late:
+            self.echo(late)
         self._commit(epoch_logs, publish=True, final_flush=True)
         self.writer.wait()
         took = time.monotonic() - notice.received_at
@@ -549,6 +576,18 @@ class _Run:
             f"{p.global_step}, {took:.2f}s after the notice ({max(left, 0):.1f}s before the deadline). "
             "Run the same command again to resume"
         )
+
+    def _save_early(self, warnings) -> None:
+        """On early warnings (not yet notices): commit here, once for all of them, and train on.
+
+        If the notice never comes nothing was lost; if it comes, or the machine
+        goes without one, the work since this commit is all there is to redo.
+        """
+        p = self.position
+        said = "; ".join(f"{w.source}: {w.reason}" for w in warnings)
+        self.echo(f"early warning ({said}): saving at epoch {p.epoch + 1}, batch {p.batch} "
+                  f"(global step {p.global_step}) and training on")
+        self._commit(early=True)
 
     def _learning_rate(self) -> float:
         return float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
@@ -596,7 +635,10 @@ class _Run:
             checkpoint=self.writer.last_committed,
             checkpoint_stats={"saves": len(self.copy_seconds), "host_copy_seconds": sum(self.copy_seconds),
                               "host_copy_median_seconds": statistics.median(self.copy_seconds),
-                              "stall_seconds": self.writer.stall_seconds},
+                              "stall_seconds": self.writer.stall_seconds,
+                              "overhead": self.cadence.overhead(), "interval": self.cadence.interval.steps,
+                              "step_seconds": self.cadence.measurements().step_seconds,
+                              "early_saves": self.cadence.early_saves},
         )
 
 

@@ -145,9 +145,11 @@ def _job_problem(job: dict) -> str | None:
     for field in ("epochs", "batch_size", "seed"):
         if not _natural(job.get(field)):
             return f"job.{field} is missing or not an integer >= 0"
-    for field in ("steps_per_epoch", "checkpoint_every_steps"):
-        if job.get(field) is not None and not _natural(job[field]):
-            return f"job.{field} is not an integer >= 0"
+    if job.get("steps_per_epoch") is not None and not _natural(job["steps_per_epoch"]):
+        return "job.steps_per_epoch is not an integer >= 0"
+    every = job.get("checkpoint_every_steps")  # CheckpointPolicy.every_steps: steps, "auto" or None
+    if every is not None and every != "auto" and not _natural(every):
+        return 'job.checkpoint_every_steps is not an integer >= 0 or "auto"'
     if job.get("source_path") is not None and not isinstance(job["source_path"], str):
         return "job.source_path is not a string"
     return _fit_arguments_problem(job.get("fit_arguments"))

@@ -66,6 +66,17 @@ def test_loop_benchmark_runs_at_smallest_size(tmp_path):
     assert {p.name for p in tmp_path.glob("*.png")} == {"bench_loop.png"}
 
 
+def test_cadence_benchmark_runs_at_smallest_size(tmp_path):
+    out = bench("--only", "cadence", "--epochs", "1", "--cadence-width", "8", "--cadence-steps", "20",
+                "--cadence-mb", "1", "--cadence-kills", "1", "--cadence-methods", "auto", "oracle", tmp_path=tmp_path)
+    assert '| loop, every_steps="auto" |' in out, out
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith(("| every_steps=", "| fixed every_steps"))]
+    assert [row[0] for row in rows] == ['| every_steps="auto"', "| fixed every_steps, the best in hindsight within the "
+                                        "budget"], out
+    assert all(row[2].isdigit() for row in rows), out  # one kill each, and each policy finished the run after it
+    assert rows[1][4] == "1.00x", out  # the oracle against itself
+
+
 def test_sweep_benchmark_runs_at_smallest_size(tmp_path):
     # A local Ray cluster, a sweep of one trial and two Tune runs of one trivial trial: minutes on a busy machine.
     # The ASHA sweep is left out (tests/test_sweep.py runs one).

@@ -2,6 +2,7 @@
 
 import io
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -68,6 +69,10 @@ def test_status_history_and_export_of_a_finished_run(mlp_reference, tmp_path):
     assert info["state"] == "complete"
     assert info["global_step"] == checkpoint.state["position"]["global_step"]
     assert info["checkpoint"] == checkpoint.name
+    assert info["cadence"]["interval"]["steps"] == 8  # the job's fixed every_steps, with what was measured
+    text = cli("status", str(mlp_reference)).stdout
+    assert "saves      every 8 steps: CheckpointPolicy(every_steps=8)\n" in text
+    assert re.search(r"flush      ~[\d.]+ s for [\d.]+ kB \(measured\), within the grace period", text), text
 
     history = cli("history", str(mlp_reference), "--format", "csv")
     assert history.returncode == 0, history.stderr

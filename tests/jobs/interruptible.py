@@ -14,7 +14,7 @@ to act while the run is training.
 
 `CT_TEST_JOB=mlp|cnn` picks the example job (a name found in `tests/jobs/`,
 like `realistic_cnn`, picks that test job); `CT_TEST_EVERY_STEPS` overrides its
-checkpoint interval.
+checkpoint interval (a number, or `auto`).
 """
 
 import dataclasses
@@ -92,5 +92,6 @@ job = dataclasses.replace(
     base,
     name=f"{base.name}-test",
     callbacks=callbacks,
-    checkpoint=dataclasses.replace(base.checkpoint, every_steps=int(every)) if every else base.checkpoint,
+    checkpoint=dataclasses.replace(base.checkpoint, every_steps=every if every == "auto" else int(every))
+    if every else base.checkpoint,
 )
