@@ -257,6 +257,8 @@ def _main(argv: list[str] | None) -> int:
             from cluster_trainer.export import check_arguments
 
             check_arguments(args.output, args.job)  # before TensorFlow's seconds of import
+        if args.command == "run":
+            _check_run_flags(args)  # one line before TensorFlow's seconds of import
         if args.command in ("run", "export", "sweep") and os.environ["TF_CPP_MIN_LOG_LEVEL"].strip() not in ("0", "1"):
             from cluster_trainer.native_logs import import_tensorflow_quietly
 
@@ -292,6 +294,21 @@ def _main(argv: list[str] | None) -> int:
         return translated.exit_code
 
 
+def _check_run_flags(args) -> None:
+    """Refuse flags that contradict each other or name no notice source, before anything is imported."""
+    from cluster_trainer.preemption import notice_sources
+
+    if args.no_ray:
+        ray_only = [flag for flag, value in (
+            ("--ray-address", args.ray_address), ("--num-cpus", args.num_cpus), ("--num-gpus", args.num_gpus),
+            ("--resource", args.ray_resources), ("--label-selector", args.label_selectors),
+            ("--max-preemptions", args.max_preemptions)) if value]
+        if ray_only:
+            raise ClusterTrainerError(f"{ray_only[0]} applies to runs on Ray: leave out --no-ray, or drop {ray_only[0]}")
+    if args.notices:
+        notice_sources(args.notices)
+
+
 def _run(args) -> int:
     from cluster_trainer.job import load_job
     from cluster_trainer.preemption import notice_sources, sources_from_environment
@@ -300,12 +317,6 @@ def _run(args) -> int:
     verbose = args.verbose if args.verbose == "auto" else int(args.verbose)
     _stop_if_signalled_while_starting()
     if args.no_ray:
-        ray_only = [flag for flag, value in (
-            ("--ray-address", args.ray_address), ("--num-cpus", args.num_cpus), ("--num-gpus", args.num_gpus),
-            ("--resource", args.ray_resources), ("--label-selector", args.label_selectors),
-            ("--max-preemptions", args.max_preemptions)) if value]
-        if ray_only:
-            raise ClusterTrainerError(f"{ray_only[0]} applies to runs on Ray: leave out --no-ray, or drop {ray_only[0]}")
         from cluster_trainer.loop import train
 
         sources = notice_sources(args.notices) if args.notices else sources_from_environment()
