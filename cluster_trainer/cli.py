@@ -197,6 +197,16 @@ def _add_ray_options(group, single_run: bool) -> None:
         group.add_argument("--max-preemptions", type=int, metavar="N",
                            help="preemptions (a drained node, a preempted actor) retried before stopping with exit "
                                 "code 75 (default: no limit)")
+    group.add_argument("--workers", type=int, metavar="N",
+                       help="train on N nodes at once: N actors on distinct nodes (a placement group) under "
+                            "MultiWorkerMirroredStrategy, the global batch split over all their replicas, worker 0 "
+                            "alone writing to storage; the resources below are per worker (default 1: one actor)")
+    if single_run:
+        group.add_argument("--min-workers", type=int, metavar="M",
+                           help="when N nodes are not free for --shrink-after seconds, start with fewer workers, "
+                                "down to M, keeping the global batch (default: N, always wait for all)")
+        group.add_argument("--shrink-after", type=float, default=300.0, metavar="SECONDS",
+                           help="how long a group waits for its N nodes before trying fewer (default 300)")
     group.add_argument("--num-cpus", type=float, metavar="N", help="CPUs each actor asks for (default: the job's, 1)")
     group.add_argument("--num-gpus", type=float, metavar="N",
                        help="GPUs each actor asks for; MirroredStrategy runs over them (default: the job's, 0)")
@@ -258,7 +268,8 @@ def _run(args) -> int:
         ray_only = [flag for flag, value in (
             ("--ray-address", args.ray_address), ("--num-cpus", args.num_cpus), ("--num-gpus", args.num_gpus),
             ("--resource", args.ray_resources), ("--label-selector", args.label_selectors),
-            ("--max-preemptions", args.max_preemptions)) if value]
+            ("--max-preemptions", args.max_preemptions), ("--workers", args.workers),
+            ("--min-workers", args.min_workers)) if value]
         if ray_only:
             raise ClusterTrainerError(f"{ray_only[0]} applies to runs on Ray: leave out --no-ray, or drop {ray_only[0]}")
         from cluster_trainer.loop import train
@@ -278,7 +289,8 @@ def _run(args) -> int:
     outcome = run(
         job, args.storage, address=args.ray_address, devices=args.devices, epochs=args.epochs,
         resources=_resources(args, job.resources), max_failures=args.max_failures,
-        max_preemptions=args.max_preemptions, storage_options=_storage_options(args), verbose=verbose,
+        max_preemptions=args.max_preemptions, workers=args.workers or 1, min_workers=args.min_workers,
+        shrink_after=args.shrink_after, storage_options=_storage_options(args), verbose=verbose,
         notices=args.notices or None,
     )
     print(f"cluster-trainer: {outcome.summary()}", file=sys.stderr)
@@ -296,6 +308,7 @@ def _sweep(args) -> int:
         scheduler=args.scheduler, grace_period=args.grace_period, max_concurrent=args.max_concurrent,
         resources=_resources(args, job.resources), devices=args.devices, epochs=args.epochs,
         max_failures=args.max_failures, address=args.ray_address, storage_options=_storage_options(args),
+        workers=args.workers or 1,
     )
     print(table.to_string(index=False))
     return EXIT_OK

@@ -188,6 +188,7 @@ def _trial(config: dict, settings: dict) -> None:
     reporter = _EpochReporter(uri, settings["storage_options"])
     run(job, uri, devices=settings["devices"], epochs=settings["epochs"], resources=settings["resources"],
         max_failures=settings["max_failures"], storage_options=settings["storage_options"], verbose=2,
+        workers=settings["workers"],
         on_progress=reporter.poll, echo=lambda message: print(f"cluster-trainer [{trial_id}]: {message}",
                                                                 file=sys.stderr, flush=True))
     reporter.poll()  # the last epochs, committed just before the run returned
@@ -214,6 +215,7 @@ def sweep(
     address: str | None = None,
     storage_options: dict | None = None,
     echo: Callable[[str], None] | None = None,
+    workers: int = 1,
 ) -> pd.DataFrame:
     """Run a sweep on Ray Tune (or continue the one at `storage`); returns the trials table.
 
@@ -232,6 +234,7 @@ def sweep(
         max_failures: real failures each trial survives (preemptions are unlimited and
             handled inside the trial: Tune never sees them).
         address: the Ray cluster (default: RAY_ADDRESS, else a local Ray started here).
+        workers: nodes each trial trains on at once (as for `cluster_trainer.run`).
 
     Running the same call again after the driver died continues the sweep: finished
     trials are kept, unfinished ones resume from their own checkpoints.
@@ -261,6 +264,7 @@ def sweep(
         settings = {
             "sweep_uri": sweep_uri, "job_spec": job_spec(job, _working_dir()), "devices": devices, "epochs": epochs,
             "resources": resources or job.resources, "max_failures": max_failures, "storage_options": options,
+            "workers": workers,
         }
         # The trial function only drives: its actor needs next to nothing; the training actor asks for the job's resources.
         trainable = tune.with_resources(tune.with_parameters(_trial, settings=settings), {"cpu": 0.01})

@@ -56,6 +56,9 @@ class TrainActor:
     Made remote by the driver (`ray.remote(TrainActor).options(...)`) with the
     job's resources, `max_restarts=0` (the driver decides what happens next) and
     `max_concurrency=2`, so `stop()` and `where()` are served while `train()` runs.
+    In a group of several workers (`cluster_trainer.on_ray.group`), the spec's
+    `cluster` (every worker's `ip:port` and this one's index) becomes the
+    process's `TF_CONFIG`, and the loop trains under MultiWorkerMirroredStrategy.
     Nothing raised in here crosses Ray: `train()` returns a dict with `status`
     (completed, already_complete, preempted, failed, bad_input, superseded),
     `exit_code` and `message`, plus the position and metrics when it finished.
@@ -77,9 +80,16 @@ class TrainActor:
             "gpus": [str(g) for g in context.get_accelerator_ids().get("GPU", [])],
         }
 
-    def stop(self, reason: str) -> None:
-        """Ask the running loop to commit at the next batch boundary and stop (status preempted)."""
-        self._stop.request(reason)
+    def stop(self, reason: str, deadline_ms: int | None = None) -> None:
+        """Ask the running loop to commit at the next batch boundary and stop (status preempted), by
+        `deadline_ms` (ms since the Unix epoch) if given, else within the grace period."""
+        self._stop.request(reason, deadline_ms)
+
+    def free_port(self) -> int:
+        """A TCP port free now on this actor's node, for this worker's collective server."""
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return s.getsockname()[1]
 
     def train(self, spec: dict) -> dict:
         try:
@@ -101,6 +111,8 @@ class TrainActor:
         from cluster_trainer.preemption import notice_sources, sources_from_environment
 
         job = job_from_spec(spec)
+        if spec.get("cluster"):
+            os.environ["TF_CONFIG"] = tf_config(**spec["cluster"])  # read when the loop makes its strategy
         sources = [RayDrainNotice(), self._stop]
         sources += notice_sources(spec["notices"]) if spec["notices"] else sources_from_environment()
         result = train(
@@ -114,6 +126,18 @@ class TrainActor:
             "attempt": result.attempt, "position": position, "checkpoint": result.checkpoint,
             "history": {k: list(v) for k, v in result.history.items()},
         }
+
+
+def tf_config(workers: list[str], index: int) -> str:
+    """The `TF_CONFIG` of worker `index` of the multi-worker cluster at `workers` ("ip:port" each).
+
+    Example:
+        >>> tf_config(["10.0.0.1:4321", "10.0.0.2:4321"], 1)
+        '{"cluster": {"worker": ["10.0.0.1:4321", "10.0.0.2:4321"]}, "task": {"type": "worker", "index": 1}}'
+    """
+    import json
+
+    return json.dumps({"cluster": {"worker": list(workers)}, "task": {"type": "worker", "index": index}})
 
 
 def log_to_stderr() -> None:
