@@ -5,13 +5,14 @@
     python -m bench --only io --sizes 10 100 1000
     python -m bench --only preemption --state-sizes 10 100 1000 --rerun-steps 1000 5000
     python -m bench --only resume --resume-batches 1000 10000
+    python -m bench --only group-restart --repeats 5
 """
 
 import argparse
 import os
 import platform
 
-from bench import checkpoint_io, loop_overhead, preemption, resume
+from bench import checkpoint_io, group_restart, loop_overhead, preemption, resume
 from cluster_trainer.job import CheckpointPolicy
 
 
@@ -39,7 +40,7 @@ def run_process_benchmark(name: str, run, args, machine: str) -> dict:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["loop", "io", "preemption", "resume"], help="run one benchmark")
+    parser.add_argument("--only", choices=["loop", "io", "preemption", "resume", "group-restart"], help="run one benchmark")
     parser.add_argument("--epochs", type=int, default=3, help="loop: timed epochs per repetition (default 3)")
     parser.add_argument("--repeats", type=int, help="interleaved repetitions (default 8 for loop, at its first width, 3 for the others)")
     parser.add_argument("--widths", type=int, nargs="+", default=[256, 1024],
@@ -63,6 +64,9 @@ if __name__ == "__main__":
     parser.add_argument("--shard-mb", type=int, default=CheckpointPolicy.shard_mb,
                         help=f"preemption flush: the run's checkpoint shard size in MiB (default {CheckpointPolicy.shard_mb}, "
                              "the CheckpointPolicy default)")
+    parser.add_argument("--ray-address", metavar="HOST:PORT",
+                        help="group-restart: a running Ray cluster shaped like the one it starts otherwise (a head "
+                             "without CPUs, two nodes with 1 CPU each)")
     parser.add_argument("--write", action="store_true",
                         help="write the tables into docs/BENCHMARKS.md (and the plots into docs/*.png)")
     parser.add_argument("--plot-dir", metavar="DIR", help="write the plots into DIR (with --write, default docs/)")
@@ -98,3 +102,5 @@ if __name__ == "__main__":
 
             plots.restarts(results["restarts"], args.plot_dir)
             plots.data(results["data"], args.plot_dir)
+    if args.only in (None, "group-restart"):
+        run_process_benchmark("group_restart", group_restart.run, args, machine)

@@ -1,0 +1,263 @@
+"""One run on several Ray nodes (`--workers 2`), on a real local Ray cluster: a drained node, a worker
+killed without notice, a driver stopped and a run resumed on fewer nodes, and `ray job submit`.
+
+One cluster for the module, started by the first test that asks for it and stopped by PID
+(`ray_cluster.py`): a head with no CPUs (so no worker lands there: the driver of `ray job submit`
+runs on it and needs none) and raylets with 1 CPU each, every raylet a node of its own, so the
+placement group puts the two workers on two raylets. A test that kills a raylet leaves the
+cluster short; the next test adds a fresh one first (`worker_nodes`).
+
+The uninterrupted 2-worker run that the others are compared with bit for bit is the one
+`ray job submit` trains (module fixture `reference`). The run is the test job for 3 epochs (48
+steps, a commit every 8) on 1 logical CPU device per worker; steps are slowed on the raylets
+(`CT_TEST_STEP_SLEEP`, the raylets' own environment) so a test can act mid-epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+import cluster_trainer as ct
+from cluster_trainer.chaos import compare_histories
+from harness import ROOT, TEST_JOB, Driver, assert_bitwise_equal_runs, cli_env, latest, wait_until
+from ray_cluster import RayCluster, _alive
+
+pytestmark = pytest.mark.slow
+
+EPOCHS = "3"
+STEP_SLEEP = "0.25"  # 16 steps of >= 0.25 s: an epoch lasts at least 4 s on every node
+EXIT_PREEMPTED = 75
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with RayCluster() as running:
+        running.start_head(num_cpus=0)
+        yield running
+
+
+def worker_nodes(cluster, count: int = 2) -> list:
+    """The cluster's live raylets, after adding fresh ones until there are `count`."""
+    alive = [n for n in cluster.nodes if not n.head and n.process.poll() is None]
+    while len(alive) < count:
+        alive.append(cluster.add_node(num_cpus=1, env={"CT_TEST_STEP_SLEEP": STEP_SLEEP}))
+    return alive
+
+
+def run_cmd(cluster, storage, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "cluster_trainer", "run", TEST_JOB, "--storage", str(storage), "--devices", "1",
+            "--epochs", EPOCHS, "--workers", "2", "--ray-address", cluster.address, *extra]
+
+
+def committed(storage) -> dict:
+    """The newest commit's position (`{}` before the first)."""
+    try:
+        return latest(storage).state["position"]
+    except AssertionError:
+        return {}
+
+
+def worker_pids(driver: Driver, group: int) -> dict[int, tuple[str, int]]:
+    """{worker index: (node id prefix, pid)} of `group`, from the driver's lines."""
+    found = re.findall(rf"group {group} worker (\d) running on node (\w+) \([^)]*pid (\d+)\)", driver.output())
+    return {int(i): (node, int(pid)) for i, node, pid in found}
+
+
+def node_of(cluster, prefix: str):
+    return next(n for n in cluster.nodes if n.node_id.startswith(prefix))
+
+
+def flush_position(output: str) -> tuple[int, int, int]:
+    """(epoch, batch, global step) of the chief's commit on a notice, from its log line."""
+    flush = re.search(r"preemption notice \(.*?\): committing at epoch (\d+), batch (\d+) \(global step (\d+)\)", output)
+    assert flush, output[-4000:]
+    return tuple(int(g) for g in flush.groups())
+
+
+def assert_equal_histories(reference, storage) -> None:
+    differences, _, _ = compare_histories(str(reference), str(storage))
+    assert not differences, differences
+
+
+# -- ray job submit: the reference run ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def reference(cluster, tmp_path_factory):
+    """The uninterrupted 2-worker run, trained through `ray job submit`; (storage, submission id)."""
+    worker_nodes(cluster)
+    storage = tmp_path_factory.mktemp("workers-reference") / "run"
+    submission_id = f"ct-workers-{uuid.uuid4().hex[:8]}"
+    excludes = json.dumps({"excludes": [".git", ".venv", "runs"]})
+    job = os.path.relpath(TEST_JOB, ROOT)
+    started = time.monotonic()
+    result = cluster.ray("job", "submit", f"--address={cluster.dashboard}", f"--submission-id={submission_id}",
+                         "--working-dir=.", f"--runtime-env-json={excludes}", "--", "cluster-trainer", "run", job,
+                         "--storage", str(storage), "--devices", "1", "--epochs", EPOCHS, "--workers", "2", cwd=ROOT)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    print(f"reference (ray job submit, 2 workers): {time.monotonic() - started:.0f}s")
+    return storage, submission_id
+
+
+def test_ray_job_submit_of_a_two_worker_run_succeeds_with_one_writer(cluster, reference):
+    from ray.job_submission import JobSubmissionClient
+
+    storage, submission_id = reference
+    client = JobSubmissionClient(cluster.dashboard)
+    info, logs = client.get_job_info(submission_id), client.get_job_logs(submission_id)
+    assert (info.status, info.driver_exit_code) == ("SUCCEEDED", 0)
+    nodes = set(re.findall(r"group 1 worker [01] running on node (\w+)", logs))
+    assert len(nodes) == 2, logs[-4000:]  # one worker per node
+    assert re.search(r"group 1: 2 workers at 127\.0\.0\.1:\d+, 127\.0\.0\.1:\d+; worker 0 is the chief", logs), logs
+    assert re.search(rf"run completed: {storage} \(epoch 3, global step 48, attempt 1\) .*val_loss=", logs), logs[-3000:]
+    checkpoint = latest(storage)
+    assert checkpoint.state["position"]["finished"] and checkpoint.attempt == 1  # the chief alone registered
+    assert sorted(p.name for p in (storage / "attempts").iterdir()) == ["a000001.json"]
+
+
+# -- a drained node --------------------------------------------------------------------------------
+
+
+def test_a_drained_worker_node_stops_the_whole_group_after_one_step_and_a_new_group_ends_bitwise_equal(
+        cluster, reference, tmp_path):
+    started = time.monotonic()
+    worker_nodes(cluster)
+    storage = tmp_path / "run"
+    driver = Driver(run_cmd(cluster, storage), tmp_path / "driver.log", cli_env(**cluster.env))
+    try:
+        driver.wait_for(r"group 1: 2 workers at ")
+        drained = node_of(cluster, worker_pids(driver, 1)[1][0])  # worker 1's node: the chief must be told
+        wait_until(lambda: committed(storage).get("global_step", 0) >= 16, "the commit at the end of epoch 1")
+        cluster.drain(drained, deadline_seconds=60)
+        driver.wait_for(r"group 1 preempted")
+        epoch, batch, step = flush_position(driver.output())
+        position = latest(storage).state["position"]
+        # Zero steps lost: the chief committed exactly where every worker stopped, mid-epoch.
+        assert (position["epoch"] + 1, position["batch"], position["global_step"]) == (epoch, batch, step)
+        assert 0 < batch < 16, f"the drain did not land mid-epoch: epoch {epoch}, batch {batch}"
+        drained.kill()
+        cluster._wait_for_nodes(len(worker_nodes(cluster, 1)) + 1)  # the GCS knows it is gone
+        driver.wait_for(r"group 2 has waited \d+s for 2 nodes with CPU=1 each")
+        worker_nodes(cluster)  # a fresh node joins
+        assert driver.finish() == 0, driver.output()[-4000:]
+    finally:
+        driver.stop()
+    output = driver.output()
+    assert re.search(rf"node {drained.node_id[:8]} of worker 1 is being drained", output), output[-4000:]
+    assert re.search(r"group 1 preempted: .*; starting group 2 \(1 preemption\(s\), no limit; 0 failure\(s\)", output)
+    assert f"(global step {step}), attempt 2" in output
+    assert "2 group(s) of Ray workers (2, 2 worker(s)), 1 preempted, 0 failed" in output
+    assert_bitwise_equal_runs(latest(reference[0]), latest(storage))
+    assert_equal_histories(reference[0], storage)
+    history = ct.read_history(str(storage))
+    interrupted = epoch - 1  # 0-based, as the history counts
+    assert history["attempt"].tolist() == [1] * interrupted + [2] * (3 - interrupted)
+    assert history["resumed"].tolist() == [i == interrupted for i in range(3)]
+    print(f"drain test: {time.monotonic() - started:.0f}s")
+
+
+# -- a worker killed without notice ------------------------------------------------------------------
+
+
+def test_a_worker_killed_without_notice_tears_the_group_down_and_a_new_group_resumes_bitwise_equal(
+        cluster, reference, tmp_path):
+    started = time.monotonic()
+    worker_nodes(cluster)
+    storage = tmp_path / "run"
+    driver = Driver(run_cmd(cluster, storage), tmp_path / "driver.log", cli_env(**cluster.env))
+    try:
+        driver.wait_for(r"group 1: 2 workers at ")
+        pids = worker_pids(driver, 1)
+        wait_until(lambda: committed(storage).get("global_step", 0) >= 8, "the first commit")
+        os.kill(pids[1][1], signal.SIGKILL)  # not the chief: it waits for worker 1 in the next all-reduce
+        killed_at = time.monotonic()
+        wait_until(lambda: not _alive(pids[1][1]), "the killed worker to die")
+        failed = driver.wait_for(r"group 1 failed: worker 1 or its node \w+ died without notice")
+        torn_down = time.monotonic() - killed_at
+        wait_until(lambda: not _alive(pids[0][1]), "the chief to be stopped")
+        last_commit = latest(storage)  # the next group starts after the backoff: nothing commits in between
+        assert not last_commit.state["position"]["finished"], "the run finished before the kill; kill it earlier"
+        assert driver.finish() == 0, driver.output()[-4000:]
+    finally:
+        driver.stop()
+    output = driver.output()
+    assert torn_down < 60, f"the group was torn down {torn_down:.0f}s after the kill"
+    assert re.search(r"; starting group 2 in 2s, resuming from the last committed checkpoint \(0 preemption\(s\), "
+                     r"no limit; 1 failure\(s\), at most 3\)", output[failed.start():]), output[-3000:]
+    p = last_commit.state["position"]
+    assert f"from {last_commit.name}: epoch {p['epoch'] + 1}, batch {p['batch']} (global step {p['global_step']})" \
+           in output
+    assert "2 group(s) of Ray workers (2, 2 worker(s)), 0 preempted, 1 failed" in output
+    assert_bitwise_equal_runs(latest(reference[0]), latest(storage))
+    assert_equal_histories(reference[0], storage)
+    print(f"SIGKILL test: {time.monotonic() - started:.0f}s, group torn down {torn_down:.1f}s after the kill")
+
+
+# -- a stopped run resumed on fewer nodes -----------------------------------------------------------
+
+
+def test_a_stopped_two_worker_run_resumes_on_one_worker_at_the_next_batch_when_a_node_is_gone(cluster, tmp_path):
+    started = time.monotonic()
+    nodes = worker_nodes(cluster)
+    storage = tmp_path / "run"
+    command = run_cmd(cluster, storage, "--min-workers", "1", "--shrink-after", "3")
+    first = Driver(command, tmp_path / "first.log", cli_env(**cluster.env))
+    try:
+        first.wait_for(r"group 1: 2 workers at ")
+        pids = worker_pids(first, 1)
+        wait_until(lambda: committed(storage).get("global_step", 0) >= 16, "the commit at the end of epoch 1")
+        first.process.send_signal(signal.SIGTERM)  # as `ray job stop` does
+        assert first.finish() == EXIT_PREEMPTED, first.output()[-4000:]
+    finally:
+        first.stop()
+    output = first.output()
+    assert "SIGTERM: asking all 2 workers to commit at the next batch boundary and stop" in output
+    epoch, batch, step = flush_position(output)
+    position = latest(storage).state["position"]
+    assert (position["epoch"] + 1, position["batch"], position["global_step"]) == (epoch, batch, step)
+    assert re.search(r"stopped by SIGTERM: worker 0: preempted \(.*SIGTERM of the driver\)", output), output[-3000:]
+
+    gone = node_of(cluster, pids[1][0])
+    gone.kill()  # one of the two nodes is gone for good
+    cluster._wait_for_nodes(len([n for n in nodes if n is not gone]) + 1)
+    second = Driver(command, tmp_path / "second.log", cli_env(**cluster.env))
+    try:
+        assert second.finish() == 0, second.output()[-4000:]
+    finally:
+        second.stop()
+    output = second.output()
+    assert re.search(r"group 1: 2 nodes with CPU=1 were not free for \d+s \(--shrink-after\): starting with 1 "
+                     r"worker\(s\) instead", output), output[-4000:]
+    assert f"epoch {epoch}, batch {batch} (global step {step}), attempt 2" in output  # the exact next batch
+    assert re.search(r"run completed: .* \(epoch 3, global step 48, attempt 2\)", output), output[-3000:]
+    assert latest(storage).state["replicas"] == 1
+    print(f"elastic test: {time.monotonic() - started:.0f}s")
+
+
+# -- the group-restart benchmark -------------------------------------------------------------------
+
+
+def test_group_restart_benchmark_runs_at_smallest_size(cluster):
+    """Smoke test of `python -m bench --only group-restart` (not a measurement), on this module's cluster,
+    which has the shape the benchmark needs: a head without CPUs and two 1-CPU raylets."""
+    worker_nodes(cluster)
+    result = subprocess.run([sys.executable, "-m", "bench", "--only", "group-restart", "--repeats", "1",
+                             "--ray-address", cluster.address], cwd=ROOT, env=cli_env(**cluster.env),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith(("| 1 worker", "| 2 workers"))]
+    assert len(rows) == 2, result.stdout
+    for row in rows:  # every event came after the kill, the restart's in order (the resume line is forwarded
+        seconds = [float(cell.split()[0]) for cell in row.split(" | ")[1:]]  # by Ray: it may arrive late)
+        torn_down, placed, resumed, first_step = seconds
+        assert 0 < torn_down <= placed <= first_step and resumed > placed, row
+    assert re.search(r"Lost worker to first step, 2 workers / 1 worker: \d+\.\d\d×", result.stdout), result.stdout
