@@ -26,10 +26,13 @@ The life of a group, in `WorkerGroup`:
   the same step); collect each worker's result.
 - **tear down**: a worker lost without notice (SIGKILL, OOM, its node gone)
   ends the group at once: the others, blocked in a collective, are killed.
-  A worker that ends with an error gives the others `STRAGGLER_SECONDS` to end
-  too, then they are killed. Ray reports a dead actor within seconds and a
-  dead node within its health-check timeout (about 30 s by default), so a
-  lost worker ends its group in well under a minute.
+  Ray reports a dead process within seconds; a machine that vanished without
+  closing its connections it may declare dead only after a minute or more
+  (its health checks), so the driver also pings each worker and takes one
+  that has not answered for `UNRESPONSIVE_SECONDS` (30 s) as lost: a lost
+  worker ends its group in under a minute either way. A worker that ends
+  with an error gives the others `STRAGGLER_SECONDS` to end too, then they
+  are killed.
 
 The group's outcome is that of its workers, the most telling first: bad
 input, superseded, preempted (a drained node explains the rest), failed, done
@@ -65,6 +68,10 @@ STRAGGLER_SECONDS = 10.0
 # After a worker other than the chief ended cleanly (done, or preempted at the agreed step), how long
 # the chief gets to finish its commit before it is killed as failed.
 CHIEF_FINISH_SECONDS = 300.0
+# A worker of a group that has not answered the driver for this long is lost: Ray may take over a
+# minute to declare a node dead that vanished without closing its connections (5 health checks of up
+# to 10 s each, 3 s apart, by default), while the other workers wait for it in a collective.
+UNRESPONSIVE_SECONDS = 30.0
 # When shrinking, how long Ray gets to place each smaller group before the next smaller one is tried.
 PROBE_SECONDS = 5.0
 STRATEGY = "STRICT_SPREAD"
@@ -149,6 +156,8 @@ class Worker:
     where: dict | None = None
     ref: Any = None
     outcome: tuple[str, str, dict | None] | None = None  # (kind, message, result) once it ended
+    ping: Any = None  # an unanswered `where()` the driver sent to see that the worker still answers
+    pinged_at: float = 0.0
 
 
 class WorkerGroup:
@@ -383,6 +392,24 @@ class WorkerGroup:
             if time.monotonic() >= next_drain_check:
                 next_drain_check = time.monotonic() + DRAIN_CHECK_SECONDS
                 self._check_drains(control)
+                if self.size > 1 and self._unresponsive(pending.values()):
+                    return
+
+    def _unresponsive(self, running) -> bool:
+        """Ping each running worker; True once one has not answered for `UNRESPONSIVE_SECONDS` (it is lost)."""
+        import ray
+
+        for worker in running:
+            if worker.ping is not None and ray.wait([worker.ping], timeout=0)[0]:
+                worker.ping = None  # answered (or raised: then its `train` reports the actor's death)
+            if worker.ping is None:
+                worker.ping, worker.pinged_at = worker.actor.where.remote(), time.monotonic()
+            elif time.monotonic() - worker.pinged_at > UNRESPONSIVE_SECONDS:
+                node = worker.where["node_id"]
+                worker.outcome = ("lost", f"worker {worker.index} on node {node[:8]} has not answered for "
+                                          f"{UNRESPONSIVE_SECONDS:.0f}s (its node unreachable?)", None)
+                return True
+        return False
 
     def _check_drains(self, control: Control) -> None:
         """Say when a worker's node is being drained; with several workers, tell those on other nodes."""
