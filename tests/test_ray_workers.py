@@ -66,6 +66,18 @@ def committed(storage) -> dict:
         return {}
 
 
+def start_run(cluster, storage, log, *extra: str) -> tuple[Driver, dict[int, tuple[str, int]]]:
+    """A 2-worker run's driver, once its first group trains on two raylets, and that group's workers."""
+    worker_nodes(cluster)
+    driver = Driver(run_cmd(cluster, storage, *extra), log, cli_env(**cluster.env))
+    try:
+        driver.wait_for(r"group 1: 2 workers at ")
+    except BaseException:
+        driver.stop()
+        raise
+    return driver, worker_pids(driver, 1)
+
+
 def worker_pids(driver: Driver, group: int) -> dict[int, tuple[str, int]]:
     """{worker index: (node id prefix, pid)} of `group`, from the driver's lines."""
     found = re.findall(rf"group {group} worker (\d) running on node (\w+) \([^)]*pid (\d+)\)", driver.output())
@@ -130,12 +142,10 @@ def test_ray_job_submit_of_a_two_worker_run_succeeds_with_one_writer(cluster, re
 def test_a_drained_worker_node_stops_the_whole_group_after_one_step_and_a_new_group_ends_bitwise_equal(
         cluster, reference, tmp_path):
     started = time.monotonic()
-    worker_nodes(cluster)
     storage = tmp_path / "run"
-    driver = Driver(run_cmd(cluster, storage), tmp_path / "driver.log", cli_env(**cluster.env))
+    driver, pids = start_run(cluster, storage, tmp_path / "driver.log")
     try:
-        driver.wait_for(r"group 1: 2 workers at ")
-        drained = node_of(cluster, worker_pids(driver, 1)[1][0])  # worker 1's node: the chief must be told
+        drained = node_of(cluster, pids[1][0])  # worker 1's node: the chief must be told
         wait_until(lambda: committed(storage).get("global_step", 0) >= 16, "the commit at the end of epoch 1")
         cluster.drain(drained, deadline_seconds=60)
         driver.wait_for(r"group 1 preempted")
@@ -171,12 +181,9 @@ def test_a_drained_worker_node_stops_the_whole_group_after_one_step_and_a_new_gr
 def test_a_worker_killed_without_notice_tears_the_group_down_and_a_new_group_resumes_bitwise_equal(
         cluster, reference, tmp_path):
     started = time.monotonic()
-    worker_nodes(cluster)
     storage = tmp_path / "run"
-    driver = Driver(run_cmd(cluster, storage), tmp_path / "driver.log", cli_env(**cluster.env))
+    driver, pids = start_run(cluster, storage, tmp_path / "driver.log")
     try:
-        driver.wait_for(r"group 1: 2 workers at ")
-        pids = worker_pids(driver, 1)
         wait_until(lambda: committed(storage).get("global_step", 0) >= 8, "the first commit")
         os.kill(pids[1][1], signal.SIGKILL)  # not the chief: it waits for worker 1 in the next all-reduce
         killed_at = time.monotonic()
@@ -207,13 +214,10 @@ def test_a_worker_killed_without_notice_tears_the_group_down_and_a_new_group_res
 
 def test_a_stopped_two_worker_run_resumes_on_one_worker_at_the_next_batch_when_a_node_is_gone(cluster, tmp_path):
     started = time.monotonic()
-    nodes = worker_nodes(cluster)
     storage = tmp_path / "run"
-    command = run_cmd(cluster, storage, "--min-workers", "1", "--shrink-after", "3")
-    first = Driver(command, tmp_path / "first.log", cli_env(**cluster.env))
+    elastic = ("--min-workers", "1", "--shrink-after", "3")
+    first, pids = start_run(cluster, storage, tmp_path / "first.log", *elastic)
     try:
-        first.wait_for(r"group 1: 2 workers at ")
-        pids = worker_pids(first, 1)
         wait_until(lambda: committed(storage).get("global_step", 0) >= 16, "the commit at the end of epoch 1")
         first.process.send_signal(signal.SIGTERM)  # as `ray job stop` does
         assert first.finish() == EXIT_PREEMPTED, first.output()[-4000:]
@@ -226,10 +230,9 @@ def test_a_stopped_two_worker_run_resumes_on_one_worker_at_the_next_batch_when_a
     assert (position["epoch"] + 1, position["batch"], position["global_step"]) == (epoch, batch, step)
     assert re.search(r"stopped by SIGTERM: worker 0: preempted \(.*SIGTERM of the driver\)", output), output[-3000:]
 
-    gone = node_of(cluster, pids[1][0])
-    gone.kill()  # one of the two nodes is gone for good
-    cluster._wait_for_nodes(len([n for n in nodes if n is not gone]) + 1)
-    second = Driver(command, tmp_path / "second.log", cli_env(**cluster.env))
+    node_of(cluster, pids[1][0]).kill()  # one of the two nodes is gone for good
+    cluster._wait_for_nodes(len(worker_nodes(cluster, 1)) + 1)
+    second = Driver(run_cmd(cluster, storage, *elastic), tmp_path / "second.log", cli_env(**cluster.env))
     try:
         assert second.finish() == 0, second.output()[-4000:]
     finally:
