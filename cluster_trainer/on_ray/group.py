@@ -291,7 +291,8 @@ class WorkerGroup:
             waited = time.monotonic() - started
             if waited >= report_at:
                 control.echo(f"{self.name} has waited {waited:.0f}s for {what()}")
-                report_at = min(report_at * 3, waited + WAITING_REPORT_MAX)
+                while report_at <= waited:  # the next of 5 s, 15 s, 45 s, ..., then every 10 min
+                    report_at = min(report_at * 3, report_at + WAITING_REPORT_MAX)
             if time.monotonic() >= end:
                 return False
 
