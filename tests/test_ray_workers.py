@@ -130,7 +130,8 @@ def test_ray_job_submit_of_a_two_worker_run_succeeds_with_one_writer(cluster, re
     nodes = set(re.findall(r"group 1 worker [01] running on node (\w+)", logs))
     assert len(nodes) == 2, logs[-4000:]  # one worker per node
     assert re.search(r"group 1: 2 workers at [\d.]+:\d+, [\d.]+:\d+; worker 0 is the chief", logs), logs
-    assert re.search(rf"run completed: {storage} \(epoch 3, global step 48, attempt 1\) .*val_loss=", logs), logs[-3000:]
+    assert re.search(rf"run completed: {storage} \(epoch 3, global step 48, attempt 1; 1 Ray worker group\(s\) \(2 "
+                     r"workers\), 0 preempted, 0 failed\) .*val_loss=", logs), logs[-3000:]
     checkpoint = latest(storage)
     assert checkpoint.state["position"]["finished"] and checkpoint.attempt == 1  # the chief alone registered
     assert sorted(p.name for p in (storage / "attempts").iterdir()) == ["a000001.json"]
@@ -165,7 +166,7 @@ def test_a_drained_worker_node_stops_the_whole_group_after_one_step_and_a_new_gr
     assert re.search(rf"node {drained.node_id[:8]} of worker 1 is being drained", output), output[-4000:]
     assert re.search(r"group 1 preempted: .*; starting group 2 \(1 preemption\(s\), no limit; 0 failure\(s\)", output)
     assert f"(global step {step}), attempt 2" in output
-    assert "2 group(s) of Ray workers (2, 2 worker(s)), 1 preempted, 0 failed" in output
+    assert "2 Ray worker group(s) (2, 2 workers), 1 preempted, 0 failed" in output
     assert_bitwise_equal_runs(latest(reference[0]), latest(storage))
     assert_equal_histories(reference[0], storage)
     history = ct.read_history(str(storage))
@@ -203,7 +204,7 @@ def test_a_worker_killed_without_notice_tears_the_group_down_and_a_new_group_res
     p = last_commit.state["position"]
     assert f"from {last_commit.name}: epoch {p['epoch'] + 1}, batch {p['batch']} (global step {p['global_step']})" \
            in output
-    assert "2 group(s) of Ray workers (2, 2 worker(s)), 0 preempted, 1 failed" in output
+    assert "2 Ray worker group(s) (2, 2 workers), 0 preempted, 1 failed" in output
     assert_bitwise_equal_runs(latest(reference[0]), latest(storage))
     assert_equal_histories(reference[0], storage)
     print(f"SIGKILL test: {time.monotonic() - started:.0f}s, group torn down {torn_down:.1f}s after the kill")

@@ -94,7 +94,7 @@ class RunOutcome:
                   if self.actors > 1 or self.preemptions or self.failures else "")
         if any(size > 1 for size in self.group_sizes):
             sizes = ", ".join(map(str, self.group_sizes))
-            counts = (f"; {self.actors} group(s) of Ray workers ({sizes} worker(s)), {self.preemptions} preempted, "
+            counts = (f"; {self.actors} Ray worker group(s) ({sizes} workers), {self.preemptions} preempted, "
                       f"{self.failures} failed")
         metrics = ", ".join(f"{k}={v:.6g}" for k, v in sorted(self.metrics.items()) if isinstance(v, float))
         return (f"run {self.status}: {self.uri} (epoch {p['epoch']}, global step {p['global_step']}, "
