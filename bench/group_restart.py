@@ -40,7 +40,7 @@ from bench.procs import BENCH_JOB, Training, child_env
 
 EVERY_STEPS = 8
 KILL_AFTER_STEP = 12  # past the first commit (step 8): the next attempt resumes from it
-STEP_TIMEOUT = 600.0
+STEP_TIMEOUT = 300.0
 
 
 @dataclasses.dataclass

@@ -145,9 +145,11 @@ def test_a_drained_worker_node_stops_the_whole_group_after_one_step_and_a_new_gr
     started = time.monotonic()
     storage = tmp_path / "run"
     driver, pids = start_run(cluster, storage, tmp_path / "driver.log")
+    drained = node_of(cluster, pids[1][0])  # worker 1's node: the chief must be told
     try:
-        drained = node_of(cluster, pids[1][0])  # worker 1's node: the chief must be told
-        wait_until(lambda: committed(storage).get("global_step", 0) >= 16, "the commit at the end of epoch 1")
+        # After the end of epoch 1 is committed (after its validation; the step-16 commit comes before
+        # it), so the drain lands while epoch 2 trains: 16 steps of >= 0.25 s each.
+        wait_until(lambda: committed(storage).get("epoch", 0) >= 1, "the commit at the end of epoch 1")
         cluster.drain(drained, deadline_seconds=60)
         driver.wait_for(r"group 1 preempted")
         epoch, batch, step = flush_position(driver.output())
@@ -162,6 +164,7 @@ def test_a_drained_worker_node_stops_the_whole_group_after_one_step_and_a_new_gr
         assert driver.finish() == 0, driver.output()[-4000:]
     finally:
         driver.stop()
+        drained.kill()  # whatever failed: a node left draining would take no worker in the next test
     output = driver.output()
     assert re.search(rf"node {drained.node_id[:8]} of worker 1 is being drained", output), output[-4000:]
     assert re.search(r"group 1 preempted: .*; starting group 2 \(1 preemption\(s\), no limit; 0 failure\(s\)", output)
