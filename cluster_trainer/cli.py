@@ -465,14 +465,28 @@ def entry_point() -> None:
     after the commit (16 s once, on a loaded machine). `main` keeps the
     preemption's traceback, so those threads are not torn down on the way here
     either (that alone took 1-3 s for a 100 MB model).
+
+    A worker of a multi-worker run (TF_CONFIG naming several) leaves at once too,
+    whatever its exit code: otherwise TensorFlow's coordination service holds the
+    exit at a shutdown barrier until every worker reaches it, or until its timeout
+    when one is gone.
     """
     code = main()
-    if code == EXIT_PREEMPTED:
+    if code == EXIT_PREEMPTED or _several_workers():
         sys.stdout.flush()
         sys.stderr.flush()
         logging.shutdown()
         os._exit(code)
     sys.exit(code)
+
+
+def _several_workers() -> bool:
+    from cluster_trainer.workers import Workers
+
+    try:
+        return Workers.from_tf_config() is not None
+    except ClusterTrainerError:
+        return False
 
 
 if __name__ == "__main__":

@@ -23,14 +23,26 @@ What is used, and why:
   reported metric in the last digit).
 - `CallbackList._flush_futures`: Keras runs batch-end callbacks asynchronously
   for some callbacks; their state is read only once they have run.
+- `keras.src.backend.tensorflow.trainer.reduce_per_replica`: under a
+  multi-worker strategy Keras reduces the step's scalar outputs with
+  `strategy.reduce("MEAN", v, axis=0)`, which TensorFlow rejects for a 0-d
+  tensor (keras-team/keras#20585); `fix_multi_worker_step_reduction` makes
+  that one reduction `axis=None`, the mean over replicas that Keras computes
+  on a single worker.
+- `CollectiveAllReduceExtended._initialize_local_devices`: a multi-worker
+  strategy takes every local GPU, or exactly one CPU;
+  `multi_worker_strategy` hands it N logical CPU devices per worker instead,
+  so a machine without GPUs runs N replicas as `--devices N` does on one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
 import tensorflow as tf
+from tensorflow.python.distribute import collective_all_reduce_strategy as tf_collective_strategy
 from tensorflow.python.distribute import values as tf_distribute_values
 
 from cluster_trainer.errors import ClusterTrainerError
@@ -123,3 +135,70 @@ def flush_async_callbacks(callbacks) -> None:
     flush = getattr(callbacks, "_flush_futures", None)
     if flush is not None:
         flush()
+
+
+def fix_multi_worker_step_reduction() -> None:
+    """Make Keras's compiled steps reduce scalar outputs over every worker's replicas (idempotent).
+
+    Keras 3.15's `reduce_per_replica` calls `strategy.reduce("MEAN", v, axis=0)` under a
+    multi-worker strategy, and TensorFlow refuses axis 0 for the step's scalar losses and
+    metrics. The replacement reduces exactly those with `axis=None` (the mean over replicas,
+    as Keras does on one worker) and hands everything else to Keras's own function. It takes
+    effect for train and test functions made after the call.
+    """
+    from keras.src import tree
+    from keras.src.backend.tensorflow import trainer
+
+    original = getattr(trainer, "reduce_per_replica", None)
+    if original is None or not hasattr(trainer, "_collective_all_reduce_multi_worker"):
+        raise ClusterTrainerError(
+            "this Keras has no keras.src.backend.tensorflow.trainer.reduce_per_replica to fix for multi-worker "
+            f"runs (checked on Keras {CHECKED_ON['keras']}.x): install keras=={CHECKED_ON['keras']}.*"
+        )
+    if getattr(original, "fixes_multi_worker_scalars", False):
+        return
+
+    def reduce_per_replica(values, strategy, reduction):
+        if reduction not in ("auto", "mean") or not trainer._collective_all_reduce_multi_worker(strategy):
+            return original(values, strategy, reduction)
+
+        def reduce(value):
+            if strategy.experimental_local_results(value)[0].shape.rank == 0:
+                return strategy.reduce("MEAN", value, axis=None)
+            return original(value, strategy, reduction)
+
+        return tree.map_structure(reduce, values)
+
+    reduce_per_replica.fixes_multi_worker_scalars = True
+    trainer.reduce_per_replica = reduce_per_replica
+
+
+def multi_worker_strategy(cluster_resolver, cpu_devices: int, communication_options):
+    """A MultiWorkerMirroredStrategy with `cpu_devices` logical CPU devices on this worker, one replica each.
+
+    TensorFlow gives a multi-worker strategy every GPU, or exactly one CPU, per worker.
+    The logical devices must exist already (`tf.config.set_logical_device_configuration`),
+    and this must run before TensorFlow's context is initialised.
+    """
+    cls = tf_collective_strategy.CollectiveAllReduceExtended
+    if not hasattr(cls, "_initialize_local_devices"):
+        raise ClusterTrainerError(
+            f"this TensorFlow cannot run several CPU devices per worker (checked on TensorFlow "
+            f"{CHECKED_ON['tensorflow']}.x): install tensorflow=={CHECKED_ON['tensorflow']}.*, or use one device per worker"
+        )
+
+    def local_devices(self, resolver, worker_device):
+        return tuple(f"{worker_device}/device:CPU:{i}" for i in range(cpu_devices)), "CPU"
+
+    with _replaced(cls, "_initialize_local_devices", local_devices):
+        return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver, communication_options)
+
+
+@contextlib.contextmanager
+def _replaced(owner, name: str, value):
+    original = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)

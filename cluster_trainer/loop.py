@@ -14,6 +14,12 @@ checkpoint, so the resumed process calls neither again (the progress bar alone
 is re-initialised), restores model, optimizer, metric and callback state, and
 feeds batch `b` next. When `b` is the epoch's last batch, the next thing run is
 validation.
+
+On several workers (MultiWorkerMirroredStrategy) every worker runs this loop
+on the same job: each feeds its own replicas their part of every global batch,
+takes the decisions it cannot take alone at agreement points
+(`cluster_trainer.agreement`), and joins every checkpoint's capture; the chief
+(worker 0) alone registers the attempt and writes.
 """
 
 from __future__ import annotations
@@ -31,13 +37,17 @@ import keras
 import tensorflow as tf
 
 from cluster_trainer import callback_state, keras_compat
-from cluster_trainer.checkpoint import Checkpoint, CheckpointStore, CheckpointWriter, register_attempt
-from cluster_trainer.data import as_source
-from cluster_trainer.devices import enable_determinism, make_strategy
-from cluster_trainer.errors import CheckpointError, JobError
+from cluster_trainer.agreement import PEER_LOST_ERRORS, Agreement, Group, Vote, WorkerLostError, peer_lost_reason
+from cluster_trainer.checkpoint import (
+    Checkpoint, CheckpointStore, CheckpointWriter, SupersededError, checkpoint_name, register_attempt,
+)
+from cluster_trainer.checkpoint.format import parse_name
+from cluster_trainer.data import as_source, replica_batches
+from cluster_trainer.devices import enable_determinism, make_strategy, on_several_workers
+from cluster_trainer.errors import CheckpointError, ConfigError, JobError
 from cluster_trainer.history import HistoryRecorder
 from cluster_trainer.job import Job, RunContext
-from cluster_trainer.preemption import NoticeSource, PreemptedError, PreemptionWatcher, sources_from_environment
+from cluster_trainer.preemption import Notice, NoticeSource, PreemptedError, PreemptionWatcher, sources_from_environment
 from cluster_trainer.state import (
     capture_model_state,
     capture_rng_state,
@@ -45,9 +55,11 @@ from cluster_trainer.state import (
     prepare_capture,
     restore_model_state,
     restore_rng_state,
+    take_part_in_capture,
 )
 from cluster_trainer.run_files import RunFiles
 from cluster_trainer.storage import Storage
+from cluster_trainer.workers import Workers
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +105,12 @@ def train(
     echo: Callable[[str], None] | None = None,
     notice_sources: Sequence[NoticeSource] | None = None,
     handle_signals: bool = True,
+    workers: Workers | None = None,
 ) -> RunResult:
     """Run `job` to the end, storing checkpoints under `storage`; resume if it holds one.
+
+    In a multi-worker run every worker calls `train` with the same job and storage and its
+    own `workers.index`; each returns a `RunResult`, and worker 0 (the chief) alone writes.
 
     Args:
         job: the `Job`.
@@ -109,6 +125,9 @@ def train(
         notice_sources: polled preemption notice sources (default: those named in
             `CLUSTER_TRAINER_NOTICE`, e.g. "gce"); see `cluster_trainer.preemption`.
         handle_signals: treat SIGTERM/SIGINT as preemption notices (main thread only).
+        workers: this process's place in a multi-worker run (`Workers(addresses, index)`), trained
+            under MultiWorkerMirroredStrategy with `devices` replicas on each worker. Default: the
+            workers `TF_CONFIG` names, when it names more than one; else a run in this process.
 
     Example:
         >>> result = train(load_job("jobs/mlp.py"), "runs/mlp")   # doctest: +SKIP
@@ -116,6 +135,8 @@ def train(
     """
     echo = echo or (lambda message: print(f"cluster-trainer: {message}", file=sys.stderr, flush=True))
     keras_compat.check_versions()
+    if workers is None and strategy is None:
+        workers = Workers.from_tf_config()
     if epochs is not None:
         job = dataclasses.replace(job, epochs=epochs)
     if verbose == "auto":
@@ -124,17 +145,45 @@ def train(
     run_storage.check()
     policy = job.checkpoint
     store = CheckpointStore(run_storage, policy.retention(), shard_bytes=policy.shard_mb * 2**20)
-    strategy = strategy or make_strategy(devices)
-    resume = store.load_latest()
+    strategy = strategy or make_strategy(devices, workers)
+    if workers is None and on_several_workers(strategy):  # a MultiWorkerMirroredStrategy the caller made
+        resolver = strategy.cluster_resolver
+        workers = Workers(resolver.cluster_spec().as_dict()["worker"], resolver.task_id)
+    group = Group(strategy, workers)
+    if group.multi_worker:
+        keras_compat.fix_multi_worker_step_reduction()
+        echo = (lambda message, echo=echo: echo(f"worker {group.index}: {message}"))
+    resume = _agreed_resume(group, store)
     if notice_sources is None:
         notice_sources = sources_from_environment()
-    run = _Run(job, store, strategy, resume, verbose, echo, PreemptionWatcher(notice_sources))
+    run = _Run(job, store, strategy, resume, verbose, echo, PreemptionWatcher(notice_sources), group)
     run.preemption.start(handle_signals=handle_signals)
     try:
         return run.run()
+    except PEER_LOST_ERRORS as e:
+        if not group.multi_worker:
+            raise
+        raise WorkerLostError(
+            f"worker {group.index} lost the rest of its group ({type(e).__name__}: {peer_lost_reason(e)}); "
+            "start every worker again: the run resumes from its last commit"
+        ) from e
     finally:
         run.preemption.stop()
         run.writer.close()
+
+
+def _agreed_resume(group: Group, store: CheckpointStore) -> Checkpoint | None:
+    """The checkpoint every worker resumes from: the one the chief chose (None for a new run)."""
+    chosen: list[Checkpoint | None] = []
+
+    def choose() -> tuple[int, int, int]:
+        chosen.append(store.load_latest())
+        return (chosen[0].sequence, chosen[0].step, chosen[0].attempt) if chosen[0] else (0, 0, 0)
+
+    sequence, step, attempt = (int(v) for v in group.from_chief(choose, 3))
+    if group.is_chief:
+        return chosen[0]
+    return store.read(checkpoint_name(sequence, step, attempt)) if sequence else None
 
 
 def build_compiled_model(job: Job, strategy: tf.distribute.Strategy, train_source) -> keras.Model:
@@ -162,8 +211,9 @@ def build_compiled_model(job: Job, strategy: tf.distribute.Strategy, train_sourc
 
 class _Run:
     def __init__(self, job: Job, store: CheckpointStore, strategy, resume: Checkpoint | None, verbose, echo,
-                 preemption: PreemptionWatcher):
+                 preemption: PreemptionWatcher, group: Group):
         self.job = job
+        self.group = group
         self.store = store
         self.strategy = strategy
         self.resume = resume
@@ -176,7 +226,8 @@ class _Run:
         self.copy_seconds: list[float] = []  # per save: the training thread's part of it
         self.writer = CheckpointWriter(store, max_in_flight=job.checkpoint.max_in_flight)
         self.writer.last_committed = resume.name if resume else None
-        self.files = RunFiles(store.storage)
+        self.files = RunFiles(store.storage, private=not group.is_chief)  # another worker's files are not the run's
+        self.sequence = 0  # the chief's commits: numbered once registered
         self.run_id = resume.state.get("run_id") if resume else uuid.uuid4().hex  # one id for all attempts
         self.preemption = preemption
 
@@ -233,7 +284,14 @@ class _Run:
 
         A `final_flush` (preemption: training stops here) takes the variables without a copy of
         their own and leaves pruning old checkpoints to the next attempt.
+
+        Every worker calls it at the same step: the chief's capture gathers every
+        worker's per-replica metric parts. The others store nothing, and neither does a
+        superseded chief of several workers (the next agreement stops them all).
         """
+        if not self.group.is_chief or (self.group.multi_worker and self.writer.superseded is not None):
+            take_part_in_capture(self.model)
+            return
         keras_compat.flush_async_callbacks(self.callbacks)  # their state is read below
         copy_started = time.perf_counter()
         self.position.stop_training = bool(self.model.stop_training)
@@ -249,6 +307,7 @@ class _Run:
             "callbacks": callbacks,
             "rng": rng,
             "replicas": self.strategy.num_replicas_in_sync,
+            "replica_layout": self.group.describe(),
             "job": {
                 "name": self.job.name,
                 "source_path": self.job.source_path,
@@ -300,9 +359,9 @@ class _Run:
                 history = next((s for k, s in self.resume.state["callbacks"].items() if k.endswith("-History")), {})
                 return RunResult(self.uri, "already_complete", self.resume.attempt, position,
                                  history.get("history", {}), self.resume.name)
+        self._check_replicas()
         # Registered before anything is written: from now on an older process of this run cannot commit.
-        self.attempt = register_attempt(self.store.storage, resumed_from_sequence=self.resume.sequence if self.resume else 0)
-        self.sequence = self.store.highest_sequence()  # past anything written, committed or not
+        self.attempt = int(self.group.from_chief(self._register_attempt, 1)[0])
         self.recorder = HistoryRecorder(self.attempt, every_steps=self.job.history_every_steps)
         if self.resume is not None:
             callback_state.prepare_resume(self.stateful_callbacks, self.resume.state["callbacks"], self.callbacks_built_at)
@@ -316,9 +375,19 @@ class _Run:
                 f"resuming run {self.job.name!r} at {self.uri} from {self.resume.name}: "
                 f"epoch {p.epoch + 1}, batch {p.batch} (global step {p.global_step}), attempt {self.attempt}"
             )
+            stored = self.resume.state.get("replicas")
+            if stored is not None and stored != self.strategy.num_replicas_in_sync:
+                before = self.resume.state.get("replica_layout", f"{stored} replicas")
+                self.echo(
+                    f"the replica count changed from {stored} ({before}) to {self.strategy.num_replicas_in_sync} "
+                    f"({self.group.describe()}): training continues at the next batch with the same global batch of "
+                    f"{self.job.batch_size}, each metric's total split evenly over the new replicas; bitwise equality "
+                    "with an uninterrupted run is promised only on the same replica count"
+                )
         else:
             self.echo(f"starting run {self.job.name!r} at {self.uri} (attempt {self.attempt}, "
-                      f"{self.strategy.num_replicas_in_sync} replica(s))")
+                      f"{self.strategy.num_replicas_in_sync} replica(s)"
+                      + (f": {self.group.describe()})" if self.group.multi_worker else ")"))
         self.position.finished = False
 
         training_logs = None
@@ -342,9 +411,10 @@ class _Run:
             self.recorder.end_epoch(epoch, self.position.global_step, _pythonify(epoch_logs), self._learning_rate())
             self.position = dataclasses.replace(self.position, epoch=epoch + 1, batch=0, train_logs=None)
             self._last_logs = None
-            if self.preemption.notice is not None:
-                self._flush_and_stop(epoch_logs)
-            if self.job.checkpoint.every_epoch:
+            agreement = self._agree(boundary=True)
+            if agreement.stop:
+                self._flush_and_stop(agreement, epoch_logs)
+            if self.job.checkpoint.every_epoch or agreement.commit:
                 self._commit(epoch_logs)
             if self.model.stop_training:
                 break
@@ -353,7 +423,7 @@ class _Run:
         self.callbacks.on_train_end(logs=training_logs)
         self.position.finished = True
         self._commit(publish=True)
-        self.writer.wait()
+        self._wait_for_commits()
         if self.writer.stall_seconds > 0.5:
             self.echo(f"training waited {self.writer.stall_seconds:.1f}s in total for checkpoint uploads")
         return self._result("completed")
@@ -366,7 +436,8 @@ class _Run:
         if self.model.stop_training and start > 0:
             return logs  # the run was stopped right after batch `start - 1`; fit would not train on
         dataset = self.train_source.epoch_dataset(epoch, job.seed, job.batch_size, start_batch=start)
-        iterator = iter(self.strategy.experimental_distribute_dataset(dataset))
+        steps = self.steps_per_epoch - start if self.steps_per_epoch is not None else None
+        iterator = iter(self._distribute(dataset, steps))
         batch = start
         while self.steps_per_epoch is None or batch < self.steps_per_epoch:
             self.callbacks.on_train_batch_begin(batch)
@@ -379,9 +450,11 @@ class _Run:
             self.position = dataclasses.replace(self.position, batch=batch, global_step=self.position.global_step + 1)
             if self.recorder.step_due(self.position.global_step):
                 self.recorder.add_step(epoch, batch - 1, self.position.global_step, _pythonify(logs), self._learning_rate())
-            if self.preemption.notice is not None:
-                self._flush_and_stop()
-            if job.checkpoint.due_at_step(self.position.global_step):
+            # Before validation, so that a notice in the epoch's last steps does not wait for it.
+            agreement = self._agree(boundary=batch == self.steps_per_epoch and self.val_source is not None)
+            if agreement.stop:
+                self._flush_and_stop(agreement)
+            if job.checkpoint.due_at_step(self.position.global_step) or agreement.commit:
                 self._commit()
             if self.model.stop_training:
                 break
@@ -395,7 +468,7 @@ class _Run:
         logs = {}
         self.model.reset_metrics()
         dataset = self.val_source.epoch_dataset(0, job.seed, job.batch_size)
-        iterator = iter(self.strategy.experimental_distribute_dataset(dataset))
+        iterator = iter(self._distribute(dataset, self.validation_steps))
         batch = 0
         while self.validation_steps is None or batch < self.validation_steps:
             self.callbacks.on_test_batch_begin(batch)
@@ -411,19 +484,21 @@ class _Run:
         self.callbacks.on_test_end(logs)
         return logs
 
-    def _flush_and_stop(self, epoch_logs: dict | None = None) -> None:
+    def _flush_and_stop(self, agreement: Agreement, epoch_logs: dict | None = None) -> None:
         """On a preemption notice: commit at this batch boundary, wait for the upload, stop.
 
         Called between steps, so the resumed run re-runs no step. A notice that
-        arrives during validation is acted on at the end of the epoch.
+        arrives during validation is acted on at the end of the epoch. On several
+        workers a notice on any one stops them all after the same step: the chief
+        commits, and every worker raises `PreemptedError` once it has.
         """
-        notice = self.preemption.notice
+        notice = self._group_notice(agreement)
         p = self.position
         step_wait = time.monotonic() - notice.received_at
         self.echo(f"preemption notice ({notice.source}): committing at epoch {p.epoch + 1}, batch {p.batch} "
                   f"(global step {p.global_step}); {notice.seconds_left():.1f}s to the deadline")
         self._commit(epoch_logs, publish=True, final_flush=True)
-        self.writer.wait()
+        self._wait_for_commits()
         took = time.monotonic() - notice.received_at
         report = self.store.last_commit
         if report is not None and report.name == self.writer.last_committed:
@@ -438,6 +513,86 @@ class _Run:
             f"{p.global_step}, {took:.2f}s after the notice ({max(left, 0):.1f}s before the deadline). "
             "Run the same command again to resume"
         )
+
+    def _group_notice(self, agreement: Agreement) -> Notice:
+        """The notice that stops the run, as this worker knows it: its own, else another worker's
+        (its deadline is the least time left among the workers that have one)."""
+        own = self.preemption.notice
+        if not self.group.multi_worker:
+            return own
+        if own is not None:
+            return dataclasses.replace(own, source=f"{own.source} on worker {self.group.index}")
+        now = time.monotonic()
+        return Notice(f"a notice on worker {agreement.noticed_by[0]}", now, now + agreement.seconds_left)
+
+    # -- agreement between workers --------------------------------------------------
+
+    def _agree(self, boundary: bool = False) -> Agreement:
+        """At an agreement point (every step with one worker; see `cluster_trainer.agreement`),
+        every worker's vote, combined; elsewhere nothing to act on."""
+        if not (boundary or self.group.agreement_due(self.position.global_step)):
+            return _NOTHING_AGREED
+        notice = self.preemption.notice
+        vote = Vote(notice_seconds_left=notice.seconds_left() if notice is not None else None,
+                    superseded=self.writer.superseded is not None, commit=self._commit_requested())
+        agreement = self.group.agree(vote, self.position.global_step)
+        if agreement.superseded:
+            raise self.writer.superseded or SupersededError(
+                "the chief (worker 0) was superseded by a later attempt of the run; this group stopped without writing")
+        return agreement
+
+    def _commit_requested(self) -> bool:
+        """A commit this worker asks for now, besides the deterministic `every_steps` and epoch ends.
+
+        None today. A decision that depends on this worker's own measurements (a cadence the
+        chief times, a soft notice on one node) goes here: it is agreed at the next agreement
+        point, so every worker commits after the same step.
+        """
+        return False
+
+    def _wait_for_commits(self) -> None:
+        """The chief waits for its commits to finish; every worker learns the last one's name, or
+        raises the chief's error (a final save that failed, a superseded attempt)."""
+
+        def wait() -> tuple[int, int, int]:
+            name = self.writer.wait()
+            return parse_name(name) if name else (0, 0, 0)
+
+        sequence, step, attempt = (int(v) for v in self.group.from_chief(wait, 3))
+        if not self.group.is_chief and sequence:
+            self.writer.last_committed = checkpoint_name(sequence, step, attempt)
+
+    def _register_attempt(self) -> tuple[int]:
+        """(The chief) Register this attempt of the run; its commits are numbered past anything written."""
+        attempt = register_attempt(self.store.storage, resumed_from_sequence=self.resume.sequence if self.resume else 0)
+        self.sequence = self.store.highest_sequence()
+        return (attempt,)
+
+    def _check_replicas(self) -> None:
+        """Refuse a replica count that does not divide the global batch where it would change what a batch means."""
+        replicas, batch_size = self.strategy.num_replicas_in_sync, self.job.batch_size
+        stored = self.resume.state.get("replicas") if self.resume is not None else None
+        if batch_size % replicas and (self.group.multi_worker or (stored is not None and stored != replicas)):
+            divisors = ", ".join(str(d) for d in range(1, min(batch_size, 64) + 1) if batch_size % d == 0)
+            raise ConfigError(
+                f"the global batch size {batch_size} does not split evenly over {replicas} replicas "
+                f"({self.group.describe()}), as a run on several workers or resumed on another replica count needs "
+                f"(every replica's loss weighs the same in a step): use workers x devices among {divisors}"
+            )
+
+    def _distribute(self, dataset: tf.data.Dataset, steps: int | None):
+        """The strategy's input from a dataset of global batches (`steps` of them, if known).
+
+        On several workers each worker feeds its replicas their part of every global batch
+        (`replica_batches`); with the number of steps known, the input never runs dry, so
+        the step does not ask every worker whether it still has data.
+        """
+        if not self.group.multi_worker:
+            return self.strategy.experimental_distribute_dataset(dataset)
+        parts = replica_batches(dataset, self.strategy.num_replicas_in_sync, self.group.local_replica_ids)
+        if steps is not None:
+            parts = parts.repeat()
+        return self.strategy.distribute_datasets_from_function(lambda context: parts)
 
     def _learning_rate(self) -> float:
         return float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
@@ -464,9 +619,12 @@ class _Run:
             history=dict(history.history) if history else {},
             checkpoint=self.writer.last_committed,
             checkpoint_stats={"saves": len(self.copy_seconds), "host_copy_seconds": sum(self.copy_seconds),
-                              "host_copy_median_seconds": statistics.median(self.copy_seconds),
+                              "host_copy_median_seconds": statistics.median(self.copy_seconds or [0.0]),
                               "stall_seconds": self.writer.stall_seconds},
         )
+
+
+_NOTHING_AGREED = Agreement()
 
 
 def _run_step(function: Callable, iterator) -> dict | None:

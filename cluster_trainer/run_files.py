@@ -18,9 +18,16 @@ FILES = "files"
 
 
 class RunFiles:
-    def __init__(self, storage: Storage):
+    """The run's files, in a local directory callbacks write to.
+
+    `private`: a scratch copy filled from the run and never uploaded, for a worker of a
+    multi-worker run other than the chief (its callbacks write too, but only the chief's
+    files are the run's).
+    """
+
+    def __init__(self, storage: Storage, private: bool = False):
         self.storage = storage
-        self.mirrored = not storage.is_local
+        self.mirrored = private or not storage.is_local
         self.local_dir = tempfile.mkdtemp(prefix="cluster-trainer-files-") if self.mirrored else storage.path(FILES)
         os.makedirs(self.local_dir, exist_ok=True)
         self._uploaded: dict[str, tuple[int, int]] = {}

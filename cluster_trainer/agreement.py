@@ -1,0 +1,275 @@
+"""How the workers of a multi-worker run take the same decisions after the same step.
+
+Every worker runs the same loop, and every step is a collective (the gradient
+all-reduce): a worker that leaves the loop while the others go on leaves them
+blocked. So whatever one worker learns alone (a preemption notice on its node,
+that its attempt was superseded, that a checkpoint is wanted now) is shared
+at *agreement points* that every worker reaches after the same step, and every
+worker acts on the same `Agreement`:
+
+- each worker brings a `Vote`; one all-reduce of a small table (a row per
+  worker) gives every worker every vote;
+- the points are deterministic: the end of each epoch's training steps (when
+  validation follows), the end of each epoch, and every `interval` steps, an
+  interval the chief chooses from its own timings (`agreement_interval`) and
+  announces in the agreement itself, so that agreeing costs about 1% of the
+  training time and a notice waits at most about a second for the next point;
+- what only the chief knows or does (which checkpoint to resume from, the
+  attempt it registered, whether its final commit succeeded) reaches the others
+  through `Group.from_chief`, which also raises the chief's error on every
+  worker, in its own words, instead of leaving them waiting.
+
+With one worker the same calls are local and cost nothing: every step is an
+agreement point, as before multi-worker runs existed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import statistics
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from cluster_trainer.devices import local_replica_ids
+from cluster_trainer.errors import EXIT_FAILURE, ClusterTrainerError
+from cluster_trainer.workers import Workers
+
+# Agreeing should cost about this share of the time spent training between two agreements...
+AGREEMENT_COST_SHARE = 0.01
+# ...as long as a notice waits no longer than this for the next agreement.
+AGREEMENT_MAX_WAIT_SECONDS = 1.0
+_MESSAGE_BYTES = 400  # the chief's error message, as every worker prints it
+_VOTE_FIELDS = 5  # has notice, seconds left, superseded, commit, the chief's next interval
+
+
+class WorkerLostError(ClusterTrainerError):
+    """Another worker stopped answering (killed, its machine gone, or stuck past the collective
+    timeout); the group cannot go on, and starting all workers again resumes from the last commit."""
+
+    exit_code = EXIT_FAILURE
+
+
+# What a collective raises when a peer is gone: its connection refused, its heartbeats missed,
+# or the collective timeout passed.
+PEER_LOST_ERRORS = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.CancelledError,
+                    tf.errors.AbortedError)
+
+
+def peer_lost_reason(error: tf.errors.OpError) -> str:
+    """The line of a collective's error that says why: "...tasks are unhealthy (stopped sending
+    heartbeats): /job:worker/replica:0/task:1", "...Connection refused", a timeout.
+
+    Example:
+        >>> message = "Graph execution error:\\n\\nCollective ops is aborted by: peer gone:\\n/job:worker/task:1\\nmore"
+        >>> peer_lost_reason(tf.errors.UnavailableError(None, None, message))
+        'peer gone: /job:worker/task:1'
+    """
+    lines = [line.strip() for line in (error.message or "").splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if "aborted by:" in line:
+            reason = line.split("aborted by:", 1)[1].strip()
+            if reason.endswith(":") and i + 1 < len(lines):
+                reason += " " + lines[i + 1]
+            return reason[:300]
+    useful = [line for line in lines if not line.startswith(("Graph execution error", "Detected at node", "File "))]
+    return (useful[0] if useful else type(error).__name__)[:300]
+
+
+class ChiefError(ClusterTrainerError):
+    """The chief (worker 0) stopped with an error; this worker stops with the same exit code."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclasses.dataclass(frozen=True)
+class Vote:
+    """What one worker brings to an agreement.
+
+    Attributes:
+        notice_seconds_left: this worker has a preemption notice, with that many seconds
+            before its deadline (None: no notice).
+        superseded: (the chief) a later attempt of the run registered; nobody may write.
+        commit: asks for a checkpoint at this point (the chief's own cadence, a soft notice).
+    """
+
+    notice_seconds_left: float | None = None
+    superseded: bool = False
+    commit: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Agreement:
+    """What every worker does after an agreement point: the same, on every worker.
+
+    Attributes:
+        noticed_by: the workers that have a preemption notice; any one stops the group.
+        seconds_left: the least time left before a noticed worker's deadline.
+        superseded: the group's attempt was superseded: stop without writing.
+        commit: commit a checkpoint here.
+    """
+
+    noticed_by: tuple[int, ...] = ()
+    seconds_left: float | None = None
+    superseded: bool = False
+    commit: bool = False
+
+    @property
+    def stop(self) -> bool:
+        return bool(self.noticed_by)
+
+
+def agreement_interval(agree_seconds: float, step_seconds: float, *, cost_share: float = AGREEMENT_COST_SHARE,
+                       max_wait_seconds: float = AGREEMENT_MAX_WAIT_SECONDS) -> int:
+    """Steps between two agreements: as few as keep agreeing under `cost_share` of the training time,
+    but no more than a notice may wait for (`max_wait_seconds`); at least 1.
+
+    Example:
+        >>> agreement_interval(0.004, 0.020)   # a 4 ms agreement, 20 ms steps: every 20 steps (0.4 s)
+        20
+        >>> agreement_interval(0.004, 0.200)   # large steps: every 2 steps
+        2
+        >>> agreement_interval(0.050, 0.020)   # agreeing is slow: waiting 1 s is the bound
+        50
+    """
+    if step_seconds <= 0:
+        return 1
+    affordable = math.ceil(agree_seconds / (cost_share * step_seconds))
+    longest = math.floor(max_wait_seconds / step_seconds)
+    return max(1, min(affordable, longest))
+
+
+class Group:
+    """This process's place in a run's group of workers, and the collectives they agree through.
+
+    Every method that takes part in a collective must be called by every worker at the same
+    point of the loop. With `workers=None` (one process) they are local.
+
+    Args:
+        strategy: the run's strategy (a MultiWorkerMirroredStrategy when `workers` is given).
+        workers: the group, or None for a run in one process.
+    """
+
+    def __init__(self, strategy: tf.distribute.Strategy, workers: Workers | None):
+        self.strategy = strategy
+        self.workers = workers
+        self.index = workers.index if workers else 0
+        self.count = workers.count if workers else 1
+        self.interval = 1
+        self._next_point = 0
+        self._agree_seconds: list[float] = []
+        self._step_seconds: list[float] = []
+        self._last_point: tuple[int, float] | None = None  # (global step, time) of the last agreement's end
+        self.local_replica_ids = local_replica_ids(strategy)
+        if workers is None:
+            return
+        first = self.local_replica_ids[0]
+
+        @tf.function
+        def exchange(table):
+            def on_replica(table):
+                context = tf.distribute.get_replica_context()
+                # One replica per worker contributes its row; the sum is every worker's row.
+                mine = tf.cast(tf.equal(context.replica_id_in_sync_group, first), table.dtype)
+                return context.all_reduce(tf.distribute.ReduceOp.SUM, tf.identity(table) * mine)
+
+            return strategy.run(on_replica, args=(table,))
+
+        self._exchange_fn = exchange
+
+    @property
+    def multi_worker(self) -> bool:
+        return self.workers is not None
+
+    @property
+    def is_chief(self) -> bool:
+        return self.index == 0
+
+    def describe(self) -> str:
+        """`2 workers x 1 device` (or `2 devices` in one process), for messages."""
+        local = len(self.local_replica_ids)
+        devices = f"{local} device{'s' if local != 1 else ''}"
+        return f"{self.count} workers x {devices}" if self.multi_worker else devices
+
+    def exchange(self, row: Sequence[float]) -> np.ndarray:
+        """Every worker's `row` (the same length on each), as a table with a row per worker. A collective."""
+        table = np.zeros((self.count, len(row)), np.float64)
+        table[self.index] = row
+        if not self.multi_worker:
+            return table
+        result = self._exchange_fn(tf.constant(table))
+        return self.strategy.experimental_local_results(result)[0].numpy()
+
+    # -- agreements between steps ------------------------------------------------
+
+    def agreement_due(self, global_step: int) -> bool:
+        """Whether the step that just ended is an agreement point by the interval (every step with one worker)."""
+        return global_step >= self._next_point
+
+    def agree(self, vote: Vote, global_step: int) -> Agreement:
+        """Every worker's vote, combined; called by every worker at the same agreement point."""
+        if not self.multi_worker:
+            left = vote.notice_seconds_left
+            return Agreement((0,) if left is not None else (), left, vote.superseded, vote.commit)
+        started = time.perf_counter()
+        if self._last_point is not None and global_step > self._last_point[0]:
+            self._step_seconds.append((started - self._last_point[1]) / (global_step - self._last_point[0]))
+        row = [vote.notice_seconds_left is not None, vote.notice_seconds_left or 0.0, vote.superseded, vote.commit,
+               self._chosen_interval() if self.is_chief else 0]
+        table = self.exchange(row)
+        ended = time.perf_counter()
+        self._agree_seconds.append(ended - started)
+        self._last_point = (global_step, ended)
+        self.interval = max(int(table[0, 4]), 1)
+        self._next_point = global_step + self.interval
+        noticed = tuple(int(i) for i in np.flatnonzero(table[:, 0]))
+        return Agreement(
+            noticed_by=noticed,
+            seconds_left=float(min(table[i, 1] for i in noticed)) if noticed else None,
+            superseded=bool(table[:, 2].any()),
+            commit=bool(table[:, 3].any()),
+        )
+
+    def _chosen_interval(self) -> int:
+        """The chief's choice of the next interval, from the median of its recent timings."""
+        if len(self._agree_seconds) < 3 or not self._step_seconds:
+            return 1  # measure first
+        recent = lambda values: statistics.median(values[-20:])  # noqa: E731
+        return agreement_interval(recent(self._agree_seconds), recent(self._step_seconds))
+
+    # -- what only the chief knows ---------------------------------------------------
+
+    def from_chief(self, produce: Callable[[], Sequence[float]], size: int) -> list[float]:
+        """`produce()` run on the chief, its `size` numbers given to every worker. A collective.
+
+        If `produce` raises on the chief, every other worker raises `ChiefError` with the
+        chief's message and exit code (the chief re-raises its own error).
+        """
+        if not self.multi_worker:
+            return [float(v) for v in produce()]
+        row = np.zeros(2 + size + _MESSAGE_BYTES)
+        error: BaseException | None = None
+        if self.is_chief:
+            try:
+                values = list(produce())
+                assert len(values) == size, (values, size)
+                row[2:2 + size] = values
+            except BaseException as e:  # every worker must hear of it, whatever it is
+                error = e
+                message = str(e) if isinstance(e, ClusterTrainerError) else f"{type(e).__name__}: {e}"
+                encoded = np.frombuffer(message.encode()[:_MESSAGE_BYTES], np.uint8)
+                row[0] = 1
+                row[1] = getattr(e, "exit_code", EXIT_FAILURE)
+                row[2 + size:2 + size + len(encoded)] = encoded
+        chief = self.exchange(row)[0]
+        if error is not None:
+            raise error
+        if chief[0]:
+            text = bytes(chief[2 + size:].astype(np.uint8)).rstrip(b"\0").decode(errors="replace")
+            raise ChiefError(f"the chief (worker 0) stopped: {text}", int(chief[1]))
+        return [float(v) for v in chief[2:2 + size]]
