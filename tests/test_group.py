@@ -1,14 +1,10 @@
 """A group of workers as plain code, without Ray: which sizes a run may shrink to, which groups are
-refused before Ray starts, the cluster each worker is given, and how a group's outcome follows from
-its workers' outcomes."""
-
-import json
+refused before Ray starts, and how a group's outcome follows from its workers' outcomes."""
 
 import pytest
 
 from cluster_trainer.errors import ConfigError
 from cluster_trainer.job import Resources
-from cluster_trainer.on_ray.actor import tf_config
 from cluster_trainer.on_ray.group import Worker, WorkerGroup, check_group, group_sizes
 
 
@@ -37,13 +33,6 @@ def test_a_group_that_cannot_run_is_one_line_of_bad_input(args, message):
 def test_groups_that_can_run_pass_and_one_worker_keeps_todays_rules():
     assert check_group(2, 1, Resources(label_selector={"ray.io/node-id": "!abc", "pool": "spot"}), 64, 1) == [2, 1]
     assert check_group(1, 1, Resources(num_cpus=0), 64, 3) == [1]  # 3 devices on one worker: the loop's business
-
-
-def test_each_worker_gets_the_same_cluster_and_its_own_index():
-    addresses = ["10.0.0.1:4000", "10.0.0.2:4001"]
-    configs = [json.loads(tf_config(addresses, i)) for i in range(2)]
-    assert [c["cluster"] for c in configs] == [{"worker": addresses}] * 2
-    assert [c["task"] for c in configs] == [{"type": "worker", "index": 0}, {"type": "worker", "index": 1}]
 
 
 def group_with(*outcomes, drained=()):

@@ -26,6 +26,7 @@ from cluster_trainer.errors import (
 )
 from cluster_trainer.job import Job, load_job
 from cluster_trainer.on_ray.notices import DriverStop, RayDrainNotice
+from cluster_trainer.workers import Workers
 
 # Environment a driver passes on to its actors (on other nodes they do not inherit it):
 # the trainer's own settings and where the stores are. Not credentials: those come from
@@ -57,8 +58,8 @@ class TrainActor:
     job's resources, `max_restarts=0` (the driver decides what happens next) and
     `max_concurrency=2`, so `stop()` and `where()` are served while `train()` runs.
     In a group of several workers (`cluster_trainer.on_ray.group`), the spec's
-    `cluster` (every worker's `ip:port` and this one's index) becomes the
-    process's `TF_CONFIG`, and the loop trains under MultiWorkerMirroredStrategy.
+    `cluster` (every worker's `ip:port` and this one's index) is the loop's
+    `Workers`, and it trains under MultiWorkerMirroredStrategy.
     Nothing raised in here crosses Ray: `train()` returns a dict with `status`
     (completed, already_complete, preempted, failed, bad_input, superseded),
     `exit_code` and `message`, plus the position and metrics when it finished.
@@ -111,14 +112,14 @@ class TrainActor:
         from cluster_trainer.preemption import notice_sources, sources_from_environment
 
         job = job_from_spec(spec)
-        if spec.get("cluster"):
-            os.environ["TF_CONFIG"] = tf_config(**spec["cluster"])  # read when the loop makes its strategy
+        workers = Workers(spec["cluster"]["workers"], spec["cluster"]["index"]) if spec.get("cluster") else None
         sources = [RayDrainNotice(), self._stop]
         sources += notice_sources(spec["notices"]) if spec["notices"] else sources_from_environment()
         result = train(
             job, spec["storage"], devices=spec["devices"], epochs=spec["epochs"], verbose=spec["verbose"],
             storage_options=spec["storage_options"], notice_sources=sources,
             handle_signals=False,  # no usable SIGTERM in a Ray actor; handlers here could interfere with Ray's
+            workers=workers,
         )
         position = {k: getattr(result.position, k) for k in ("epoch", "batch", "global_step")}
         return {
@@ -126,18 +127,6 @@ class TrainActor:
             "attempt": result.attempt, "position": position, "checkpoint": result.checkpoint,
             "history": {k: list(v) for k, v in result.history.items()},
         }
-
-
-def tf_config(workers: list[str], index: int) -> str:
-    """The `TF_CONFIG` of worker `index` of the multi-worker cluster at `workers` ("ip:port" each).
-
-    Example:
-        >>> tf_config(["10.0.0.1:4321", "10.0.0.2:4321"], 1)
-        '{"cluster": {"worker": ["10.0.0.1:4321", "10.0.0.2:4321"]}, "task": {"type": "worker", "index": 1}}'
-    """
-    import json
-
-    return json.dumps({"cluster": {"worker": list(workers)}, "task": {"type": "worker", "index": index}})
 
 
 def log_to_stderr() -> None:
