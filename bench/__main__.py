@@ -65,8 +65,8 @@ if __name__ == "__main__":
                         help=f"preemption flush: the run's checkpoint shard size in MiB (default {CheckpointPolicy.shard_mb}, "
                              "the CheckpointPolicy default)")
     parser.add_argument("--ray-address", metavar="HOST:PORT",
-                        help="group-restart: a running Ray cluster shaped like the one it starts otherwise (a head "
-                             "without CPUs, two nodes with 1 CPU each)")
+                        help="group-restart: a running Ray cluster whose nodes have 1 CPU each, at least two "
+                             "(default: start a head without CPUs and two such nodes on 127.0.0.1)")
     parser.add_argument("--write", action="store_true",
                         help="write the tables into docs/BENCHMARKS.md (and the plots into docs/*.png)")
     parser.add_argument("--plot-dir", metavar="DIR", help="write the plots into DIR (with --write, default docs/)")

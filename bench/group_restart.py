@@ -1,8 +1,8 @@
 """Group restart: the time from a lost worker to the restarted group's first step, on Ray.
 
-A local Ray cluster on 127.0.0.1 (`tests/ray_cluster.py`, or the one at
-`--ray-address` if it is shaped alike): a head without CPUs and two raylets
-with 1 CPU each, every raylet a node. The driver
+A local Ray cluster on 127.0.0.1 (`tests/ray_cluster.py`): a head without
+CPUs and two raylets with 1 CPU each, every raylet a node (or the cluster at
+`--ray-address`, whose nodes should have 1 CPU each, at least two). The driver
 (`cluster-trainer run bench/bench_job.py --workers W --devices 1`, the MLP,
 a commit every 8 steps) trains on W = 2 workers, one per raylet, and, as the
 baseline measured in the same run, on W = 1 (one actor). Once the run has
