@@ -10,7 +10,7 @@ run trains, because a raylet took minutes to start on this shared machine under 
 timed out.
 
 The uninterrupted 2-worker run that the others are compared with bit for bit is the one
-`ray job submit` trains (module fixture `reference`). The run is the test job for 3 epochs (48
+`ray job submit` trains (module fixture `reference`). The run is the test job for 2 epochs (32
 steps, a commit every 8) on 1 logical CPU device per worker; steps are slowed on every node
 (`CT_TEST_STEP_SLEEP`, the nodes' own environment) so a test can act mid-epoch.
 """
@@ -35,8 +35,9 @@ from ray_cluster import RayCluster, _alive
 
 pytestmark = pytest.mark.slow
 
-EPOCHS = "3"
-STEP_SLEEP = "0.25"  # 16 steps of >= 0.25 s: an epoch lasts at least 4 s on every node
+EPOCHS = 2
+STEPS = 16 * EPOCHS
+STEP_SLEEP = "0.2"  # 16 steps of >= 0.2 s: an epoch lasts at least 3 s on every node
 EXIT_PREEMPTED = 75
 
 
@@ -60,7 +61,7 @@ def nodes(cluster, count: int = 3) -> list:
 
 def run_cmd(cluster, storage, *extra: str) -> list[str]:
     return [sys.executable, "-m", "cluster_trainer", "run", TEST_JOB, "--storage", str(storage), "--devices", "1",
-            "--epochs", EPOCHS, "--workers", "2", "--ray-address", cluster.address, *extra]
+            "--epochs", str(EPOCHS), "--workers", "2", "--ray-address", cluster.address, *extra]
 
 
 def committed(storage) -> dict:
@@ -120,7 +121,8 @@ def reference(cluster, tmp_path_factory):
     started = time.monotonic()
     result = cluster.ray("job", "submit", f"--address={cluster.dashboard}", f"--submission-id={submission_id}",
                          "--working-dir=.", f"--runtime-env-json={excludes}", "--", "cluster-trainer", "run", job,
-                         "--storage", str(storage), "--devices", "1", "--epochs", EPOCHS, "--workers", "2", cwd=ROOT)
+                         "--storage", str(storage), "--devices", "1", "--epochs", str(EPOCHS), "--workers", "2",
+                         cwd=ROOT)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     print(f"reference (ray job submit, 2 workers): {time.monotonic() - started:.0f}s")
     return storage, submission_id
@@ -136,8 +138,8 @@ def test_ray_job_submit_of_a_two_worker_run_succeeds_with_one_writer(cluster, re
     placed = set(re.findall(r"group 1 worker [01] running on node (\w+)", logs))
     assert len(placed) == 2, logs[-4000:]  # one worker per node
     assert re.search(r"group 1: 2 workers at [\d.]+:\d+, [\d.]+:\d+; worker 0 is the chief", logs), logs
-    assert re.search(rf"run completed: {storage} \(epoch 3, global step 48, attempt 1; 1 Ray worker group\(s\) \(2 "
-                     r"workers\), 0 preempted, 0 failed\) .*val_loss=", logs), logs[-3000:]
+    assert re.search(rf"run completed: {storage} \(epoch {EPOCHS}, global step {STEPS}, attempt 1; 1 Ray worker "
+                     r"group\(s\) \(2 workers\), 0 preempted, 0 failed\) .*val_loss=", logs), logs[-3000:]
     checkpoint = latest(storage)
     assert checkpoint.state["position"]["finished"] and checkpoint.attempt == 1  # the chief alone registered
     assert sorted(p.name for p in (storage / "attempts").iterdir()) == ["a000001.json"]
@@ -156,7 +158,7 @@ def test_a_drained_worker_node_stops_the_whole_group_after_one_step_and_a_new_gr
     drained = node_of(cluster, pids[index][0])
     try:
         # After the end of epoch 1 is committed (after its validation; the step-16 commit comes before
-        # it), so the drain lands while epoch 2 trains: 16 steps of >= 0.25 s each.
+        # it), so the drain lands while epoch 2 trains: 16 steps of >= 0.2 s each.
         wait_until(lambda: committed(storage).get("epoch", 0) >= 1, "the commit at the end of epoch 1")
         cluster.drain(drained, deadline_seconds=60)
         driver.wait_for(r"group 1 preempted")
@@ -184,8 +186,8 @@ def test_a_drained_worker_node_stops_the_whole_group_after_one_step_and_a_new_gr
     assert_equal_histories(reference[0], storage)
     history = ct.read_history(str(storage))
     interrupted = epoch - 1  # 0-based, as the history counts
-    assert history["attempt"].tolist() == [1] * interrupted + [2] * (3 - interrupted)
-    assert history["resumed"].tolist() == [i == interrupted for i in range(3)]
+    assert history["attempt"].tolist() == [1] * interrupted + [2] * (EPOCHS - interrupted)
+    assert history["resumed"].tolist() == [i == interrupted for i in range(EPOCHS)]
     print(f"drain test: {time.monotonic() - started:.0f}s")
 
 
@@ -261,7 +263,7 @@ def test_a_stopped_two_worker_run_resumes_on_one_worker_at_the_next_batch_when_o
                      r"worker\(s\) instead", output), output[-4000:]
     assert f"group 1 worker 0 running on node {free.node_id[:8]}" in output
     assert f"epoch {epoch}, batch {batch} (global step {step}), attempt 2" in output  # the exact next batch
-    assert re.search(r"run completed: .* \(epoch 3, global step 48, attempt 2\)", output), output[-3000:]
+    assert re.search(rf"run completed: .* \(epoch {EPOCHS}, global step {STEPS}, attempt 2\)", output), output[-3000:]
     assert latest(storage).state["replicas"] == 1
     print(f"elastic test: {time.monotonic() - started:.0f}s")
 
