@@ -56,9 +56,11 @@ def test_a_drained_node_explains_the_failures_around_it():
     assert group_with(failed, lost, drained=["n1"]).outcome()[0] == "preempted"
 
 
-def test_a_worker_lost_without_notice_fails_the_group():
+def test_a_worker_lost_without_notice_fails_the_group_and_is_named_before_the_others_it_failed():
     lost = ("lost", "worker 1 or its node n1 died without notice (SIGKILL)", None)
     assert group_with(None, lost).outcome() == ("failed", lost[1], None)
+    peer_gone = ("failed", "worker 0 lost the rest of its group (UnavailableError: ...)", None)
+    assert group_with(peer_gone, lost).outcome() == ("failed", lost[1], None)
 
 
 def test_bad_input_and_a_superseded_run_decide_before_anything_else():

@@ -461,7 +461,9 @@ class WorkerGroup:
         if status in ("completed", "already_complete"):
             return "done", "", result
         message = result["message"].removesuffix(_PREEMPTED_TAIL)
-        return status, message if self.size == 1 else f"{who}: {message}", result
+        if self.size > 1 and not message.startswith(f"{who} "):
+            message = f"{who}: {message}"
+        return status, message, result
 
     def _kind(self, worker: Worker) -> str:
         """An ended worker's outcome: a lost actor is a preemption if its node was drained, else a failure."""
@@ -472,7 +474,9 @@ class WorkerGroup:
 
     def outcome(self) -> tuple[str, str, dict | None]:
         """The group's (kind, message, result) from its workers' outcomes (see the module docstring)."""
-        kinds = [(self._kind(w), *w.outcome[1:], w.index) for w in self.workers if w.outcome is not None]
+        # A worker lost first in each kind: the others' errors (a collective that lost its peer) follow from it.
+        ended = sorted((w for w in self.workers if w.outcome is not None), key=lambda w: w.outcome[0] != "lost")
+        kinds = [(self._kind(w), *w.outcome[1:], w.index) for w in ended]
         chief = next((k for k in kinds if k[3] == 0), None)
         if chief is not None and chief[0] == "done":
             return chief[:3]
