@@ -26,7 +26,6 @@ import json
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -34,7 +33,7 @@ import tempfile
 from pathlib import Path
 
 from bench.procs import ROOT, Training, child_env, cluster_trainer_command
-from cluster_trainer.workers import Workers
+from cluster_trainer.workers import Workers, loopback_addresses
 
 STEPS_WORKER = str(ROOT / "bench" / "multi_worker_steps.py")
 SAMPLES, BATCH = 8192, 128  # the steps/s benchmark's data: 64 global batches per epoch
@@ -43,20 +42,9 @@ FLUSH_WARM_STEPS = 10
 GROUP_TIMEOUT = 1800
 
 
-def _addresses(count: int) -> list[str]:
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [f"127.0.0.1:{s.getsockname()[1]}" for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 def _steps_processes(workers: int, variants: str, work: Path, args) -> list[dict]:
     """Run `multi_worker_steps.py` as `workers` processes; each one's JSON result."""
-    addresses = _addresses(workers)
+    addresses = loopback_addresses(workers)
     run_dir = work / f"runs-{workers}"
     env = child_env(BENCH_VARIANTS=variants, BENCH_REPEATS=args.repeats, BENCH_EPOCHS=args.epochs,
                     BENCH_WIDTH=args.widths[0], BENCH_SAMPLES=SAMPLES, BENCH_BATCH=BATCH, BENCH_RUN_DIR=run_dir)
@@ -112,7 +100,7 @@ def flush_trial(workers: int, megabytes: int, number: int, work: Path) -> dict:
     uri = str(work / f"flush-{workers}w-{megabytes}mb-{number}")
     env = child_env(BENCH_MODEL=f"dense:{megabytes}", BENCH_SAMPLES=FLUSH_BATCH * 200, BENCH_BATCH=FLUSH_BATCH,
                     BENCH_EPOCHS=1000)
-    addresses = _addresses(workers)
+    addresses = loopback_addresses(workers)
     runs = []
     try:
         for index in range(workers):

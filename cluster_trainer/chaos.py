@@ -36,7 +36,6 @@ import dataclasses
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -49,7 +48,7 @@ import numpy as np
 from cluster_trainer.checkpoint import Checkpoint, CheckpointStore
 from cluster_trainer.errors import EXIT_PREEMPTED
 from cluster_trainer.storage import Storage
-from cluster_trainer.workers import Workers
+from cluster_trainer.workers import Workers, loopback_addresses
 
 WRAPPER_JOB = str(Path(__file__).with_name("chaos_job.py"))
 # Training runs in the subprocess itself, not in a Ray actor: the harness signals that process.
@@ -226,7 +225,7 @@ class _Runner:
         """The attempt's processes, worker 0's progress file (the workers step together) and its log."""
         command = [sys.executable, "-m", "cluster_trainer", "run", WRAPPER_JOB, "--storage", uri, "--verbose", "0",
                    *RUN_IN_PROCESS, *self.run_args]
-        addresses = [f"127.0.0.1:{port}" for port in _free_ports(self.workers)]
+        addresses = loopback_addresses(self.workers)
         processes, progresses, logs = [], [], []
         for index in range(self.workers):
             suffix = f"-w{index}" if self.workers > 1 else ""
@@ -283,18 +282,6 @@ class _Runner:
             raise RuntimeError(f"attempt {number} exited {codes} after SIGTERM, not {EXIT_PREEMPTED}:\n{_tail(log)}")
         return Interruption(number=number, signal=kind, aimed_at=target, worker=victim, reached=_read_step(progress),
                             committed=0, exit_code=codes[victim], torn=bool(set(_uncommitted(uri)) - before))
-
-
-def _free_ports(count: int) -> list[int]:
-    """Ports free on 127.0.0.1 now, one per worker (all held open together, so they differ)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def _stop(process: subprocess.Popen) -> None:

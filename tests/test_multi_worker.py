@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from cluster_trainer.chaos import compare_histories
-from harness import ROOT, assert_bitwise_equal_runs, cli, cli_env, latest, tree_digest
+from harness import ROOT, assert_bitwise_equal_runs, cli_env, latest, tree_digest
 from workers_harness import WorkerGroup, once_per_session, run_command
 
 EPOCHS = ("--epochs", "2")  # 32 steps: commits mid-epoch and at epoch ends, a notice mid-epoch; cheap on 2 cores

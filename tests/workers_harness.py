@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,20 +13,8 @@ from typing import Callable
 
 from filelock import FileLock
 
-from cluster_trainer.workers import Workers
+from cluster_trainer.workers import Workers, loopback_addresses
 from harness import ROOT, TEST_JOB, TIMEOUT, cli_env
-
-
-def free_ports(count: int) -> list[int]:
-    """Ports free on 127.0.0.1 now (all held open together, so they differ)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def run_command(storage: Path | str, devices: int, *extra: str, job: str = TEST_JOB) -> list[str]:
@@ -50,7 +37,7 @@ class WorkerGroup:
 
     def __init__(self, storage: Path | str, log_dir: Path, *extra: str, workers: int = 2, devices: int = 1,
                  worker_env: dict[int, dict] | None = None, name: str = "worker", **env: str):
-        addresses = [f"127.0.0.1:{port}" for port in free_ports(workers)]
+        addresses = loopback_addresses(workers)
         self.logs = [log_dir / f"{name}-{i}.log" for i in range(workers)]
         self.processes = []
         for i, log in enumerate(self.logs):
