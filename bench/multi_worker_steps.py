@@ -127,7 +127,9 @@ def main() -> int:
             times = VARIANTS[name](repeat)
             rates[name].append(STEPS / statistics.median(times))
             best[name] = max(best[name], STEPS / min(times))
-            print(f"bench: repeat {repeat + 1}: {name}: {rates[name][-1]:.1f} steps/s", file=sys.stderr, flush=True)
+            threads = next(line.split()[1] for line in open("/proc/self/status") if line.startswith("Threads:"))
+            print(f"bench: repeat {repeat + 1}: {name}: {rates[name][-1]:.1f} steps/s ({threads} threads)",
+                  file=sys.stderr, flush=True)
     print(json.dumps({"rates": rates, "best": best, "steps": STEPS}), flush=True)
     return 0
 
