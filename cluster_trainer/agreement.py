@@ -212,11 +212,15 @@ class Group:
                 self._votes.assign(self._table(_row(vote)))
                 self._cast = vote
 
-    def carried_by(self, logs: dict) -> Agreement | None:
-        """The agreement a step's `logs` carry (the votes are taken out of `logs`); None with one
-        worker, or from a step that carried no votes (it did not return a dict of logs)."""
+    def take_votes(self, logs) -> np.ndarray | None:
+        """The votes a step carried, taken out of its `logs`; None with one worker, or from a step
+        that carried none (it did not return a dict of logs)."""
         table = logs.pop(keras_compat.STEP_VOTES, None) if self.multi_worker and isinstance(logs, dict) else None
-        return _agreement(np.asarray(table)) if table is not None else None
+        return np.asarray(table) if table is not None else None
+
+    def agreement_from(self, votes: np.ndarray) -> Agreement:
+        """The agreement every worker reaches from the same votes (a step's)."""
+        return _agreement(votes)
 
     def agree(self, vote: Vote) -> Agreement:
         """Every worker's vote, combined, in a collective of its own: where no step carries the votes."""

@@ -447,13 +447,14 @@ class _Run:
             logs = _run_step(self.model.train_function, iterator)
             if logs is None:
                 break  # an epoch of unknown length ended (fit's first epoch, too, begins this batch first)
-            agreement = self._agreement(logs)
+            votes = self.group.take_votes(logs)  # before the callbacks see the logs
             self.callbacks.on_train_batch_end(batch, logs)
             batch += 1
             self._last_logs = logs
             self.position = dataclasses.replace(self.position, batch=batch, global_step=self.position.global_step + 1)
             if self.recorder.step_due(self.position.global_step):
                 self.recorder.add_step(epoch, batch - 1, self.position.global_step, _pythonify(logs), self._learning_rate())
+            agreement = self._agreement(votes)
             if agreement.stop:
                 self._flush_and_stop(agreement)
             if job.checkpoint.due_at_step(self.position.global_step) or agreement.commit:
@@ -477,7 +478,7 @@ class _Run:
             step_logs = _run_step(self.model.test_function, iterator)
             if step_logs is None:
                 break
-            step_logs.pop(keras_compat.STEP_VOTES, None)  # the votes count after training steps only
+            self.group.take_votes(step_logs)  # the votes count after training steps only
             logs = step_logs
             self.callbacks.on_test_batch_end(batch, logs)
             batch += 1
@@ -535,12 +536,10 @@ class _Run:
         return Vote(notice_seconds_left=notice.seconds_left() if notice is not None else None,
                     superseded=self.writer.superseded is not None, commit=self._commit_requested())
 
-    def _agreement(self, logs: dict | None = None) -> Agreement:
-        """What every worker does now: after a step (on several workers, its `logs` carry every
-        worker's vote, taken out of them here), or at the end of an epoch."""
-        agreement = self.group.carried_by(logs) if logs is not None else None
-        if agreement is None:
-            agreement = self.group.agree(self._vote())
+    def _agreement(self, votes=None) -> Agreement:
+        """What every worker does now: after a step (on several workers, with the `votes` that step
+        carried), or at the end of an epoch."""
+        agreement = self.group.agreement_from(votes) if votes is not None else self.group.agree(self._vote())
         if agreement.superseded:
             raise self.writer.superseded or SupersededError(
                 "the chief (worker 0) was superseded by a later attempt of the run; this group stopped without writing")
