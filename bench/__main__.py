@@ -6,13 +6,14 @@
     python -m bench --only preemption --state-sizes 10 100 1000 --rerun-steps 1000 5000
     python -m bench --only resume --resume-batches 1000 10000
     python -m bench --only group-restart --repeats 5
+    python -m bench --only multiworker --widths 256 --state-sizes 10 100
 """
 
 import argparse
 import os
 import platform
 
-from bench import checkpoint_io, group_restart, loop_overhead, preemption, resume
+from bench import checkpoint_io, group_restart, loop_overhead, multi_worker, preemption, resume
 from cluster_trainer.job import CheckpointPolicy
 
 
@@ -40,14 +41,15 @@ def run_process_benchmark(name: str, run, args, machine: str) -> dict:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["loop", "io", "preemption", "resume", "group-restart"], help="run one benchmark")
+    parser.add_argument("--only", choices=["loop", "io", "preemption", "resume", "multiworker", "group-restart"],
+                        help="run one benchmark")
     parser.add_argument("--epochs", type=int, default=3, help="loop: timed epochs per repetition (default 3)")
     parser.add_argument("--repeats", type=int, help="interleaved repetitions (default 8 for loop, at its first width, 3 for the others)")
     parser.add_argument("--widths", type=int, nargs="+", default=[256, 1024],
-                        help="loop: hidden units of the MLP, one table each (default 256 1024)")
+                        help="loop: hidden units of the MLP, one table each (default 256 1024); multiworker: the first")
     parser.add_argument("--sizes", type=int, nargs="+", default=[10, 100], help="io: state sizes in MB (default 10 100)")
     parser.add_argument("--state-sizes", type=int, nargs="+", default=[10, 100],
-                        help="preemption, resume: checkpoint sizes in MB (default 10 100)")
+                        help="preemption, resume, multiworker: checkpoint sizes in MB (default 10 100)")
     parser.add_argument("--rerun-steps", type=int, nargs="+", default=[200, 800],
                         help="preemption: steps per epoch of the steps-re-run runs (default 200 800)")
     parser.add_argument("--interruptions", type=int, default=5, help="preemption: interruptions per schedule (default 5)")
@@ -102,5 +104,7 @@ if __name__ == "__main__":
 
             plots.restarts(results["restarts"], args.plot_dir)
             plots.data(results["data"], args.plot_dir)
+    if args.only in (None, "multiworker"):
+        run_process_benchmark("multi_worker", multi_worker.run, args, machine)
     if args.only in (None, "group-restart"):
         run_process_benchmark("group_restart", group_restart.run, args, machine)

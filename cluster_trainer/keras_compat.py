@@ -27,8 +27,9 @@ What is used, and why:
   multi-worker strategy Keras reduces the step's scalar outputs with
   `strategy.reduce("MEAN", v, axis=0)`, which TensorFlow rejects for a 0-d
   tensor (keras-team/keras#20585); `fix_multi_worker_step_reduction` makes
-  that one reduction `axis=None`, the mean over replicas that Keras computes
-  on a single worker.
+  that reduction `axis=None`, the mean over replicas that Keras computes on a
+  single worker, of all the step's scalars in one all-reduce that also carries
+  the workers' votes (`cluster_trainer.agreement`).
 - `CollectiveAllReduceExtended._initialize_local_devices`: a multi-worker
   strategy takes every local GPU, or exactly one CPU;
   `multi_worker_strategy` hands it N logical CPU devices per worker instead,
@@ -137,14 +138,26 @@ def flush_async_callbacks(callbacks) -> None:
         flush()
 
 
-def fix_multi_worker_step_reduction() -> None:
-    """Make Keras's compiled steps reduce scalar outputs over every worker's replicas (idempotent).
+STEP_VOTES = "cluster_trainer_votes"  # the key under which a step returns the workers' votes
+
+# The vote table of this process's group (a process joins one multi-worker run: TensorFlow's
+# collectives are configured once) and the replica that contributes this worker's row.
+_step_votes: dict = {}
+
+
+def fix_multi_worker_step_reduction(votes: tf.Variable | None = None, voting_replica: int = 0) -> None:
+    """Make Keras's compiled steps reduce their scalar outputs over every worker's replicas.
 
     Keras 3.15's `reduce_per_replica` calls `strategy.reduce("MEAN", v, axis=0)` under a
     multi-worker strategy, and TensorFlow refuses axis 0 for the step's scalar losses and
-    metrics. The replacement reduces exactly those with `axis=None` (the mean over replicas,
-    as Keras does on one worker) and hands everything else to Keras's own function. It takes
-    effect for train and test functions made after the call.
+    metrics. The replacement reduces the float32 scalars with `axis=None` (the mean over
+    replicas, as Keras computes on one worker), all of them packed into one all-reduce, and
+    hands everything else to Keras's own function.
+
+    With `votes` (a float32 `[workers, fields]` variable holding this worker's row, zeros
+    elsewhere), the same all-reduce carries the sum of every worker's variable as it was when
+    the step began, returned in the step's logs under `STEP_VOTES`: the workers learn each
+    other's votes at no extra collective. It takes effect for steps made after the call.
     """
     from keras.src import tree
     from keras.src.backend.tensorflow import trainer
@@ -155,6 +168,8 @@ def fix_multi_worker_step_reduction() -> None:
             "this Keras has no keras.src.backend.tensorflow.trainer.reduce_per_replica to fix for multi-worker "
             f"runs (checked on Keras {CHECKED_ON['keras']}.x): install keras=={CHECKED_ON['keras']}.*"
         )
+    if votes is not None:
+        _step_votes.update(variable=votes, replica=voting_replica)
     if getattr(original, "fixes_multi_worker_scalars", False):
         return
 
@@ -162,12 +177,39 @@ def fix_multi_worker_step_reduction() -> None:
         if reduction not in ("auto", "mean") or not trainer._collective_all_reduce_multi_worker(strategy):
             return original(values, strategy, reduction)
 
+        def local(value):
+            return strategy.experimental_local_results(value)[0]
+
         def reduce(value):
-            if strategy.experimental_local_results(value)[0].shape.rank == 0:
+            if local(value).shape.rank == 0:
                 return strategy.reduce("MEAN", value, axis=None)
             return original(value, strategy, reduction)
 
-        return tree.map_structure(reduce, values)
+        if not isinstance(values, dict):
+            return tree.map_structure(reduce, values)
+        packed = [k for k, v in values.items() if local(v).shape.rank == 0 and local(v).dtype == tf.float32]
+        outputs = {k: reduce(v) for k, v in values.items() if k not in packed}
+        votes = _step_votes.get("variable")
+        replicas = strategy.num_replicas_in_sync
+
+        def pack(*scalars):
+            parts = [tf.stack(scalars)] if scalars else []
+            if votes is not None:
+                context = tf.distribute.get_replica_context()
+                mine = tf.cast(tf.equal(context.replica_id_in_sync_group, _step_votes["replica"]), tf.float32)
+                # Read once the step's results exist, so that a vote cast during the step rides it.
+                with tf.control_dependencies(scalars):
+                    row = votes.read_value()
+                # The mean over replicas of (row * replicas) on one replica per worker: every worker's row.
+                parts.append(tf.reshape(row * (mine * replicas), [-1]))
+            return tf.concat(parts, 0)
+
+        if packed or votes is not None:
+            means = strategy.reduce("MEAN", strategy.run(pack, args=tuple(values[k] for k in packed)), axis=None)
+            outputs.update({k: means[i] for i, k in enumerate(packed)})
+            if votes is not None:
+                outputs[STEP_VOTES] = tf.reshape(means[len(packed):], votes.shape)
+        return {k: outputs[k] for k in (*values, STEP_VOTES) if k in outputs}  # Keras's order of logs
 
     reduce_per_replica.fixes_multi_worker_scalars = True
     trainer.reduce_per_replica = reduce_per_replica

@@ -157,6 +157,8 @@ def train(
     if notice_sources is None:
         notice_sources = sources_from_environment()
     run = _Run(job, store, strategy, resume, verbose, echo, PreemptionWatcher(notice_sources), group)
+    # A notice is cast at once, so that the step in flight can carry it to the other workers.
+    run.preemption.listeners.append(lambda notice: group.cast(run._vote()))
     run.preemption.start(handle_signals=handle_signals)
     try:
         return run.run()
@@ -345,6 +347,7 @@ class _Run:
     # -- the loop --------------------------------------------------------------
 
     def run(self) -> RunResult:
+        self._check_replicas()  # before anything is built: a refusal costs nothing
         self._build()
         if self.resume is not None:
             # Every check before the first write: a mismatch changes nothing stored.
@@ -352,14 +355,13 @@ class _Run:
             check_model_fits(self.model, self.resume.state["variables"])
             callback_state.check_matches(self.stateful_callbacks, self.resume.state["callbacks"])
             position = Position(**self.resume.state["position"])
-            if position.finished and (position.stop_training or position.epoch >= self.job.epochs):
+            if self._complete(position):
                 # Before on_train_begin: a no-op rerun opens no files and starts no callbacks.
                 self.echo(f"run at {self.uri} is already complete (epoch {position.epoch}, global step "
                           f"{position.global_step}); nothing to do (pass --epochs N to train further)")
                 history = next((s for k, s in self.resume.state["callbacks"].items() if k.endswith("-History")), {})
                 return RunResult(self.uri, "already_complete", self.resume.attempt, position,
                                  history.get("history", {}), self.resume.name)
-        self._check_replicas()
         # Registered before anything is written: from now on an older process of this run cannot commit.
         self.attempt = int(self.group.from_chief(self._register_attempt, 1)[0])
         self.recorder = HistoryRecorder(self.attempt, every_steps=self.job.history_every_steps)
@@ -411,7 +413,7 @@ class _Run:
             self.recorder.end_epoch(epoch, self.position.global_step, _pythonify(epoch_logs), self._learning_rate())
             self.position = dataclasses.replace(self.position, epoch=epoch + 1, batch=0, train_logs=None)
             self._last_logs = None
-            agreement = self._agree(boundary=True)
+            agreement = self._agreement()
             if agreement.stop:
                 self._flush_and_stop(agreement, epoch_logs)
             if self.job.checkpoint.every_epoch or agreement.commit:
@@ -441,17 +443,18 @@ class _Run:
         batch = start
         while self.steps_per_epoch is None or batch < self.steps_per_epoch:
             self.callbacks.on_train_batch_begin(batch)
+            self.group.cast(self._vote())  # on several workers, the step carries every worker's vote
             logs = _run_step(self.model.train_function, iterator)
             if logs is None:
                 break  # an epoch of unknown length ended (fit's first epoch, too, begins this batch first)
+            votes = self.group.take_votes(logs)  # before the callbacks see the logs
             self.callbacks.on_train_batch_end(batch, logs)
             batch += 1
             self._last_logs = logs
             self.position = dataclasses.replace(self.position, batch=batch, global_step=self.position.global_step + 1)
             if self.recorder.step_due(self.position.global_step):
                 self.recorder.add_step(epoch, batch - 1, self.position.global_step, _pythonify(logs), self._learning_rate())
-            # Before validation, so that a notice in the epoch's last steps does not wait for it.
-            agreement = self._agree(boundary=batch == self.steps_per_epoch and self.val_source is not None)
+            agreement = self._agreement(votes)
             if agreement.stop:
                 self._flush_and_stop(agreement)
             if job.checkpoint.due_at_step(self.position.global_step) or agreement.commit:
@@ -475,6 +478,7 @@ class _Run:
             step_logs = _run_step(self.model.test_function, iterator)
             if step_logs is None:
                 break
+            self.group.take_votes(step_logs)  # the votes count after training steps only
             logs = step_logs
             self.callbacks.on_test_batch_end(batch, logs)
             batch += 1
@@ -527,15 +531,15 @@ class _Run:
 
     # -- agreement between workers --------------------------------------------------
 
-    def _agree(self, boundary: bool = False) -> Agreement:
-        """At an agreement point (every step with one worker; see `cluster_trainer.agreement`),
-        every worker's vote, combined; elsewhere nothing to act on."""
-        if not (boundary or self.group.agreement_due(self.position.global_step)):
-            return _NOTHING_AGREED
+    def _vote(self) -> Vote:
         notice = self.preemption.notice
-        vote = Vote(notice_seconds_left=notice.seconds_left() if notice is not None else None,
+        return Vote(notice_seconds_left=notice.seconds_left() if notice is not None else None,
                     superseded=self.writer.superseded is not None, commit=self._commit_requested())
-        agreement = self.group.agree(vote, self.position.global_step)
+
+    def _agreement(self, votes=None) -> Agreement:
+        """What every worker does now: after a step (on several workers, with the `votes` that step
+        carried), or at the end of an epoch."""
+        agreement = self.group.agreement_from(votes) if votes is not None else self.group.agree(self._vote())
         if agreement.superseded:
             raise self.writer.superseded or SupersededError(
                 "the chief (worker 0) was superseded by a later attempt of the run; this group stopped without writing")
@@ -545,8 +549,9 @@ class _Run:
         """A commit this worker asks for now, besides the deterministic `every_steps` and epoch ends.
 
         None today. A decision that depends on this worker's own measurements (a cadence the
-        chief times, a soft notice on one node) goes here: it is agreed at the next agreement
-        point, so every worker commits after the same step.
+        chief times, a soft notice on one node) goes here: asked before every step and at every
+        epoch end, it travels with that step's votes, and every worker commits after that step
+        (with one worker: after the step that just ended).
         """
         return False
 
@@ -568,9 +573,14 @@ class _Run:
         self.sequence = self.store.highest_sequence()
         return (attempt,)
 
+    def _complete(self, position: Position) -> bool:
+        return position.finished and (position.stop_training or position.epoch >= self.job.epochs)
+
     def _check_replicas(self) -> None:
         """Refuse a replica count that does not divide the global batch where it would change what a batch means."""
         replicas, batch_size = self.strategy.num_replicas_in_sync, self.job.batch_size
+        if self.resume is not None and self._complete(Position(**self.resume.state["position"])):
+            return  # nothing will be trained
         stored = self.resume.state.get("replicas") if self.resume is not None else None
         if batch_size % replicas and (self.group.multi_worker or (stored is not None and stored != replicas)):
             divisors = ", ".join(str(d) for d in range(1, min(batch_size, 64) + 1) if batch_size % d == 0)

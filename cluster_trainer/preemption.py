@@ -38,7 +38,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from typing import Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 from cluster_trainer.errors import EXIT_PREEMPTED, ClusterTrainerError, ConfigError
 
@@ -91,6 +91,8 @@ class PreemptionWatcher:
         self.sources = list(sources)
         self.poll_seconds = poll_seconds
         self.notice: Notice | None = None
+        # Called with the notice, from the thread that recorded it, when the first one arrives.
+        self.listeners: list[Callable[[Notice], None]] = []
         self._previous: dict[int, object] = {}
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
@@ -107,9 +109,12 @@ class PreemptionWatcher:
         """
         now = time.monotonic()
         with self._notice_lock:  # the signal handler and the wakeup thread may record the same signal
-            if self.notice is None:
-                left = self.grace_seconds if deadline_in is None else min(deadline_in, self.grace_seconds)
-                self.notice = Notice(source, now, now + left)
+            if self.notice is not None:
+                return
+            left = self.grace_seconds if deadline_in is None else min(deadline_in, self.grace_seconds)
+            self.notice = Notice(source, now, now + left)
+        for listener in self.listeners:
+            listener(self.notice)
 
     # -- lifecycle ---------------------------------------------------------------
 

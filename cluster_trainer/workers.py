@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import socket
 from typing import Sequence
 
 from cluster_trainer.errors import ConfigError
@@ -105,3 +106,23 @@ class Workers:
         if len(addresses) <= 1:
             return None
         return cls(addresses, int(task.get("index", 0)))
+
+
+def loopback_addresses(count: int) -> list[str]:
+    """`127.0.0.1:PORT` for `count` workers on this machine, each port free now (tests, the chaos
+    harness and benchmarks run a group of processes on one machine; a port may be taken again
+    before a worker binds it, which fails that run loudly).
+
+    Example:
+        >>> addresses = loopback_addresses(2)
+        >>> len(set(addresses)), addresses[0].startswith("127.0.0.1:")
+        (2, True)
+    """
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:  # all held open together, so the ports differ
+            s.bind(("127.0.0.1", 0))
+        return [f"127.0.0.1:{s.getsockname()[1]}" for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()

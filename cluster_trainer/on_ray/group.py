@@ -6,7 +6,7 @@ group of N bundles, each the job's per-worker resources (CPUs, GPUs, custom
 resources, node labels), with strategy STRICT_SPREAD (no two bundles on one
 node), and one actor in each bundle. Each actor picks a free port on its own
 node; the group gives every worker the list of `ip:port` addresses and its
-index (`TF_CONFIG`), and the loop trains under MultiWorkerMirroredStrategy,
+index (`Workers`), and the loop trains under MultiWorkerMirroredStrategy,
 worker 0 (the chief) alone writing to storage.
 
 The life of a group, in `WorkerGroup`:
