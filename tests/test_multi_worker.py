@@ -22,9 +22,9 @@ import pytest
 
 from cluster_trainer.chaos import compare_histories
 from harness import ROOT, assert_bitwise_equal_runs, cli_env, latest, tree_digest
-from workers_harness import WorkerGroup, once_per_session, run_command
+from workers_harness import WORKERS_EPOCHS, WorkerGroup, once_per_session, run_command
 
-EPOCHS = ("--epochs", "2")  # 32 steps: commits mid-epoch and at epoch ends, a notice mid-epoch; cheap on 2 cores
+EPOCHS = WORKERS_EPOCHS  # 32 steps: commits mid-epoch and at epoch ends, a notice mid-epoch; cheap on 2 cores
 EXIT_PREEMPTED = 75
 pytestmark = pytest.mark.slow  # every test trains in several processes
 
@@ -32,20 +32,6 @@ pytestmark = pytest.mark.slow  # every test trains in several processes
 def one_process(storage, devices: int, *extra: str) -> subprocess.CompletedProcess:
     command = run_command(storage, devices, *EPOCHS, *extra)
     return subprocess.run(command, cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=600)
-
-
-@pytest.fixture(scope="session")
-def two_workers(tmp_path_factory, worker_id) -> tuple[Path, list[str]]:
-    """The uninterrupted run on 2 workers x 1 device: its storage and each worker's output."""
-
-    def train(work: Path) -> dict:
-        with WorkerGroup(work / "run", work, *EPOCHS) as group:
-            codes = group.wait()
-        assert codes == [0, 0], group.outputs()
-        return {"storage": str(work / "run"), "outputs": [group.output(i) for i in range(2)]}
-
-    result = once_per_session(tmp_path_factory, worker_id, "two-workers", train)
-    return Path(result["storage"]), result["outputs"]
 
 
 @pytest.fixture(scope="session")
@@ -153,10 +139,20 @@ def test_the_group_resumed_after_a_notice_ends_bitwise_equal_to_the_uninterrupte
     assert not differences and epochs == 2
 
 
-def test_a_run_preempted_on_two_workers_resumes_on_one_device_at_the_next_batch_and_completes(preempted, tmp_path):
+def test_a_run_preempted_on_two_workers_refuses_3_replicas_in_one_line_and_resumes_on_one_device_at_the_next_batch(
+        preempted, tmp_path):
     storage = tmp_path / "run"
     shutil.copytree(preempted[0], storage)
     stopped = latest(storage).state["position"]
+    before = tree_digest(storage)
+    refused = one_process(storage, 3)  # 3 replicas do not divide the global batch of 64
+    assert refused.returncode == 2, refused.stderr
+    lines = [line for line in refused.stderr.splitlines() if line.startswith("cluster-trainer: error:")]
+    assert len(lines) == 1 and "Traceback" not in refused.stderr, refused.stderr
+    assert "the global batch size 64 does not split evenly over 3 replicas (3 devices)" in lines[0]
+    assert "use workers x devices among 1, 2, 4, 8, 16, 32, 64" in lines[0]
+    assert tree_digest(storage) == before  # nothing stored was touched
+
     resumed = one_process(storage, 1)
     assert resumed.returncode == 0, resumed.stderr
     assert (f"epoch {stopped['epoch'] + 1}, batch {stopped['batch']} (global step {stopped['global_step']}), "
@@ -166,19 +162,6 @@ def test_a_run_preempted_on_two_workers_resumes_on_one_device_at_the_next_batch_
     final = latest(storage)
     assert final.state["position"]["finished"] and final.state["position"]["global_step"] == 32
     assert [row["epoch"] for row in final.state["history"]["epochs"]] == [0, 1]
-
-
-def test_a_replica_count_that_does_not_divide_the_global_batch_is_refused_in_one_line(preempted, tmp_path):
-    storage = tmp_path / "run"
-    shutil.copytree(preempted[0], storage)
-    before = tree_digest(storage)
-    refused = one_process(storage, 3)
-    assert refused.returncode == 2, refused.stderr
-    lines = [line for line in refused.stderr.splitlines() if line.startswith("cluster-trainer: error:")]
-    assert len(lines) == 1 and "Traceback" not in refused.stderr, refused.stderr
-    assert "the global batch size 64 does not split evenly over 3 replicas (3 devices)" in lines[0]
-    assert "use workers x devices among 1, 2, 4, 8, 16, 32, 64" in lines[0]
-    assert tree_digest(storage) == before
 
 
 def test_a_worker_killed_without_notice_fails_the_others_in_bounded_time(tmp_path):

@@ -9,8 +9,10 @@ node leaves the cluster short; the next test adds a fresh raylet first (`nodes`)
 run trains, because a raylet took minutes to start on this shared machine under load, and once
 timed out.
 
-The uninterrupted 2-worker run that the others are compared with bit for bit is the one
-`ray job submit` trains (module fixture `reference`). The run is the test job for 2 epochs (32
+The uninterrupted 2-worker run that the others are compared with bit for bit is the session's
+`two_workers` (conftest.py): the same two workers started without Ray, trained once for this module and
+tests/test_multi_worker.py (a group Ray places trains the same bits; the `ray job submit` test checks it).
+The run is the test job for 2 epochs (32
 steps, a commit every 8) on 1 logical CPU device per worker; steps are slowed on every node
 (`CT_TEST_STEP_SLEEP`, the nodes' own environment) so a test can act mid-epoch.
 """
@@ -32,10 +34,11 @@ import cluster_trainer as ct
 from cluster_trainer.chaos import compare_histories
 from harness import ROOT, TEST_JOB, Driver, assert_bitwise_equal_runs, cli_env, latest, wait_until
 from ray_cluster import RayCluster, _alive
+from workers_harness import WORKERS_EPOCHS
 
 pytestmark = pytest.mark.slow
 
-EPOCHS = 2
+EPOCHS = int(WORKERS_EPOCHS[1])  # as the session's `two_workers` reference
 STEPS = 16 * EPOCHS
 STEP_SLEEP = "0.2"  # 16 steps of >= 0.2 s: an epoch lasts at least 3 s on every node
 EXIT_PREEMPTED = 75
@@ -107,31 +110,23 @@ def assert_equal_histories(reference, storage) -> None:
     assert not differences, differences
 
 
-# -- ray job submit: the reference run ----------------------------------------------------------
+# -- ray job submit ---------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def reference(cluster, tmp_path_factory):
-    """The uninterrupted 2-worker run, trained through `ray job submit`; (storage, submission id)."""
+def test_ray_job_submit_of_a_two_worker_run_succeeds_with_one_writer_and_trains_what_workers_without_ray_train(
+        cluster, two_workers, tmp_path):
+    from ray.job_submission import JobSubmissionClient
+
     nodes(cluster)
-    storage = tmp_path_factory.mktemp("workers-reference") / "run"
+    storage = tmp_path / "run"
     submission_id = f"ct-workers-{uuid.uuid4().hex[:8]}"
     excludes = json.dumps({"excludes": [".git", ".venv", "runs"]})
     job = os.path.relpath(TEST_JOB, ROOT)
-    started = time.monotonic()
     result = cluster.ray("job", "submit", f"--address={cluster.dashboard}", f"--submission-id={submission_id}",
                          "--working-dir=.", f"--runtime-env-json={excludes}", "--", "cluster-trainer", "run", job,
                          "--storage", str(storage), "--devices", "1", "--epochs", str(EPOCHS), "--workers", "2",
                          cwd=ROOT)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    print(f"reference (ray job submit, 2 workers): {time.monotonic() - started:.0f}s")
-    return storage, submission_id
-
-
-def test_ray_job_submit_of_a_two_worker_run_succeeds_with_one_writer(cluster, reference):
-    from ray.job_submission import JobSubmissionClient
-
-    storage, submission_id = reference
     client = JobSubmissionClient(cluster.dashboard)
     info, logs = client.get_job_info(submission_id), client.get_job_logs(submission_id)
     assert (info.status, info.driver_exit_code) == ("SUCCEEDED", 0)
@@ -143,13 +138,16 @@ def test_ray_job_submit_of_a_two_worker_run_succeeds_with_one_writer(cluster, re
     checkpoint = latest(storage)
     assert checkpoint.state["position"]["finished"] and checkpoint.attempt == 1  # the chief alone registered
     assert sorted(p.name for p in (storage / "attempts").iterdir()) == ["a000001.json"]
+    # The group Ray placed trained the same bits as the same two workers started by hand with TF_CONFIG.
+    assert_bitwise_equal_runs(latest(two_workers[0]), checkpoint)
+    assert_equal_histories(two_workers[0], storage)
 
 
 # -- a drained node --------------------------------------------------------------------------------
 
 
 def test_a_drained_worker_node_stops_the_whole_group_after_one_step_and_a_new_group_ends_bitwise_equal(
-        cluster, reference, tmp_path):
+        cluster, two_workers, tmp_path):
     started = time.monotonic()
     storage = tmp_path / "run"
     driver, pids = start_run(cluster, storage, tmp_path / "driver.log")
@@ -182,8 +180,8 @@ def test_a_drained_worker_node_stops_the_whole_group_after_one_step_and_a_new_gr
     assert f"(global step {step}), attempt 2" in output
     assert drained.node_id[:8] not in "".join(re.findall(r"group 2 worker \d running on node \w+", output))
     assert "2 Ray worker group(s) (2, 2 workers), 1 preempted, 0 failed" in output
-    assert_bitwise_equal_runs(latest(reference[0]), latest(storage))
-    assert_equal_histories(reference[0], storage)
+    assert_bitwise_equal_runs(latest(two_workers[0]), latest(storage))
+    assert_equal_histories(two_workers[0], storage)
     history = ct.read_history(str(storage))
     interrupted = epoch - 1  # 0-based, as the history counts
     assert history["attempt"].tolist() == [1] * interrupted + [2] * (EPOCHS - interrupted)
@@ -195,7 +193,7 @@ def test_a_drained_worker_node_stops_the_whole_group_after_one_step_and_a_new_gr
 
 
 def test_a_worker_killed_without_notice_tears_the_group_down_and_a_new_group_resumes_bitwise_equal(
-        cluster, reference, tmp_path):
+        cluster, two_workers, tmp_path):
     started = time.monotonic()
     storage = tmp_path / "run"
     driver, pids = start_run(cluster, storage, tmp_path / "driver.log")
@@ -220,8 +218,8 @@ def test_a_worker_killed_without_notice_tears_the_group_down_and_a_new_group_res
     assert f"from {last_commit.name}: epoch {p['epoch'] + 1}, batch {p['batch']} (global step {p['global_step']})" \
            in output
     assert "2 Ray worker group(s) (2, 2 workers), 0 preempted, 1 failed" in output
-    assert_bitwise_equal_runs(latest(reference[0]), latest(storage))
-    assert_equal_histories(reference[0], storage)
+    assert_bitwise_equal_runs(latest(two_workers[0]), latest(storage))
+    assert_equal_histories(two_workers[0], storage)
     print(f"SIGKILL test: {time.monotonic() - started:.0f}s, group torn down {torn_down:.1f}s after the kill")
 
 

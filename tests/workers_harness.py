@@ -16,6 +16,9 @@ from filelock import FileLock
 from cluster_trainer.workers import Workers, loopback_addresses
 from harness import ROOT, TEST_JOB, TIMEOUT, cli_env
 
+# The multi-worker tests' runs: the test job for 2 epochs (32 steps, commits mid-epoch and at epoch ends).
+WORKERS_EPOCHS = ("--epochs", "2")
+
 
 def run_command(storage: Path | str, devices: int, *extra: str, job: str = TEST_JOB) -> list[str]:
     return [sys.executable, "-m", "cluster_trainer", "run", job, "--storage", str(storage), "--devices", str(devices),
