@@ -43,14 +43,14 @@ _VOTE_FIELDS = 4  # has notice, seconds left, superseded, commit
 
 
 class WorkerLostError(ClusterTrainerError):
-    """Another worker stopped answering (killed, its machine gone, or stuck past the collective
-    timeout); the group cannot go on, and starting all workers again resumes from the last commit."""
+    """Another worker stopped answering (killed, or its machine gone: its connection refused, or its
+    heartbeats missed); the group cannot go on, and starting all workers again resumes from the last commit."""
 
     exit_code = EXIT_FAILURE
 
 
-# What a collective raises when a peer is gone: its connection refused, its heartbeats missed,
-# or the collective timeout passed.
+# What a collective raises when a peer is gone: its connection refused, or its heartbeats missed
+# (no collective timeout is set, see devices.py).
 PEER_LOST_ERRORS = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.CancelledError,
                     tf.errors.AbortedError)
 
