@@ -7,13 +7,15 @@
     python -m bench --only resume --resume-batches 1000 10000
     python -m bench --only group-restart --repeats 5
     python -m bench --only multiworker --widths 256 --state-sizes 10 100
+    python -m bench --only cadence --cadence-kills 8 --cadence-steps 200
+    python -m bench --only sweep --sweep-trials 16 --asha-trials 200
 """
 
 import argparse
 import os
 import platform
 
-from bench import checkpoint_io, group_restart, loop_overhead, multi_worker, preemption, resume
+from bench import cadence, checkpoint_io, group_restart, loop_overhead, multi_worker, preemption, resume, sweep_overhead
 from cluster_trainer.job import CheckpointPolicy
 
 
@@ -41,7 +43,8 @@ def run_process_benchmark(name: str, run, args, machine: str) -> dict:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["loop", "io", "preemption", "resume", "multiworker", "group-restart"],
+    parser.add_argument("--only", choices=["loop", "io", "preemption", "resume", "multiworker", "group-restart",
+                                           "cadence", "sweep"],
                         help="run one benchmark")
     parser.add_argument("--epochs", type=int, default=3, help="loop: timed epochs per repetition (default 3)")
     parser.add_argument("--repeats", type=int, help="interleaved repetitions (default 8 for loop, at its first width, 3 for the others)")
@@ -69,6 +72,25 @@ if __name__ == "__main__":
     parser.add_argument("--ray-address", metavar="HOST:PORT",
                         help="group-restart: a running Ray cluster whose nodes have 1 CPU each, at least two "
                              "(default: start a head without CPUs and two such nodes on 127.0.0.1)")
+    parser.add_argument("--cadence-width", type=int, default=1024,
+                        help="cadence: hidden units of the MLP of the steps/s comparison (default 1024)")
+    parser.add_argument("--cadence-steps", type=int, default=200,
+                        help="cadence: steps per epoch of the steps-re-run runs (default 200)")
+    parser.add_argument("--cadence-mb", type=int, default=10,
+                        help="cadence: state size in MB of the steps-re-run runs' Dense model (default 10)")
+    parser.add_argument("--cadence-kills", type=int, default=8,
+                        help="cadence: SIGKILLs in the seeded schedule of the steps-re-run runs (default 8)")
+    parser.add_argument("--cadence-methods", nargs="+", choices=list(cadence.METHODS), default=list(cadence.METHODS),
+                        help="cadence: policies of the steps-re-run comparison (default all)")
+    parser.add_argument("--sweep-trials", type=int, default=8,
+                        help="sweep: trials of the overhead sweeps (default 8; the double variant runs twice as many)")
+    parser.add_argument("--asha-trials", type=int, default=200,
+                        help="sweep: trials of the ASHA sweep (default 200; 0 leaves it out)")
+    parser.add_argument("--trivial-trials", type=int, default=200,
+                        help="sweep: trials that only report, for the Tune driver's cost per trial (default 200)")
+    parser.add_argument("--sweep-variants", nargs="*", choices=["double", "fresh"], default=["double", "fresh"],
+                        help="sweep: besides the warm-worker sweep, one of twice the trials and one with a fresh "
+                             "process per trial (default both)")
     parser.add_argument("--write", action="store_true",
                         help="write the tables into docs/BENCHMARKS.md (and the plots into docs/*.png)")
     parser.add_argument("--plot-dir", metavar="DIR", help="write the plots into DIR (with --write, default docs/)")
@@ -108,3 +130,7 @@ if __name__ == "__main__":
         run_process_benchmark("multi_worker", multi_worker.run, args, machine)
     if args.only in (None, "group-restart"):
         run_process_benchmark("group_restart", group_restart.run, args, machine)
+    if args.only in (None, "cadence"):
+        run_process_benchmark("cadence", cadence.run, args, machine)
+    if args.only in (None, "sweep"):
+        run_process_benchmark("sweep", sweep_overhead.run, args, machine)

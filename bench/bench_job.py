@@ -9,7 +9,7 @@ benchmark (the benchmarks start it as a subprocess and signal that process):
     BENCH_SAMPLES      examples per epoch (default 4096)
     BENCH_BATCH        global batch size (default 32)
     BENCH_EPOCHS       epochs (default 3)
-    BENCH_EVERY_STEPS  checkpoint every N steps (default 0: never mid-epoch)
+    BENCH_EVERY_STEPS  checkpoint every N steps, or "auto" (default 0: never mid-epoch)
     BENCH_SHARD_MB     largest checkpoint shard in MiB (default: CheckpointPolicy's)
     BENCH_EVERY_EPOCH  1 to checkpoint at each epoch end (default 0)
     BENCH_PROGRESS     a file that gets "FIRST LAST T_FIRST" after every batch: the global step
@@ -126,7 +126,8 @@ class Progress(keras.callbacks.Callback):
               file=sys.stderr, flush=True)
 
 
-_every = env_int("BENCH_EVERY_STEPS", 0)
+_every = os.environ.get("BENCH_EVERY_STEPS", "0")
+_every = _every if _every == "auto" else int(_every) or None
 _progress_dir = os.environ.get("BENCH_PROGRESS_DIR")
 _model = os.environ.get("BENCH_MODEL", "mlp")
 _features = FEATURES if _model == "mlp" else 1024
@@ -146,6 +147,6 @@ job = ct.Job(
     batch_size=env_int("BENCH_BATCH", 32),
     seed=0,
     config={"model": _model, **({"progress_dir": _progress_dir} if _progress_dir else {})},
-    checkpoint=ct.CheckpointPolicy(every_steps=_every or None, every_epoch=bool(env_int("BENCH_EVERY_EPOCH", 0)),
+    checkpoint=ct.CheckpointPolicy(every_steps=_every, every_epoch=bool(env_int("BENCH_EVERY_EPOCH", 0)),
                                    keep_last=2, shard_mb=env_int("BENCH_SHARD_MB", ct.CheckpointPolicy.shard_mb)),
 )

@@ -93,11 +93,12 @@ def restarts(trials, directory: str | None = None) -> str:
 def data(trials, directory: str | None = None) -> str:
     """Time to the first batch when an epoch starts at batch b, per source and epoch length."""
     figure, axis = plt.subplots(figsize=(7, 4.2))
-    styles = {"arrays": ["-o", "-^"], "tf.data": ["--s", "--v"], "skip": [":D", ":x"]}
+    styles = {"arrays": ["-o", "-^"], "PyDataset": ["-.P", "-.*"], "tf.data": ["--s", "--v"], "skip": [":D", ":x"]}
     keys = list(dict.fromkeys((t.source, t.batches) for t in trials))
     used: dict[str, int] = {}
     for source, batches in keys:
-        family = "arrays" if source.startswith("numpy") else "skip" if "`skip`" in source else "tf.data"
+        family = ("arrays" if source.startswith("numpy") else "PyDataset" if "PyDataset" in source
+                  else "skip" if "`skip`" in source else "tf.data")
         style = styles[family][used.get(family, 0) % 2]
         used[family] = used.get(family, 0) + 1
         starts = sorted({t.start_batch for t in trials if (t.source, t.batches) == (source, batches)})

@@ -104,7 +104,7 @@ def flush_trial(store: str, base: str, megabytes: int, number: int, work: Path, 
     serialize(sequence=1, step=0, attempt=1, tensors=checkpoint.tensors, state=checkpoint.state,
               shard_bytes=shard_mb * 2**20)
     serialized = time.perf_counter() - started
-    storage.remove_tree("")
+    storage.remove_everything()
     return FlushTrial(store=store, megabytes=sum(map(len, files.values())) / 1e6, flush_logged=logged, stages=stages,
                       signal_to_commit=run.line_time("after the notice") - sent, signal_to_exit=run.exited - sent,
                       raw_write=raw, raw_in_process=in_process, raw_write_fsync=raw_fsync, serialize=serialized)

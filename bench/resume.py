@@ -25,6 +25,12 @@ between for the plot), with N the batches per epoch:
   `skip(b * batch_size)`, which reads and parses every skipped example.
   Beside it, the same builder taking `skip` (`fn(epoch, seed, skip)`), which
   skips after its shuffle and before its parse.
+- `PyDatasetSource` (a `keras.utils.PyDataset` whose batches are slices of
+  the same arrays): the epoch's permutation of batch indices is sliced at b,
+  and Keras's adapter reads from there; nothing before is read.
+- `DatasetObjectSource` (the TFRecord pipeline as a `tf.data.Dataset` object,
+  parsed and batched, as passed to `fit`): resumed with `skip(b)` on its
+  batches, which reads and parses every skipped batch.
 """
 
 from __future__ import annotations
@@ -111,9 +117,9 @@ def run_restarts(stores: dict[str, str], sizes: list[int], repeats: int, work: P
                     trials.append(trial)
                     print(f"restart {repeat + 1}/{repeats} {store} {trial.megabytes:.0f} MB {kind}: line {trial.to_line:.2f}s, "
                           f"first step {trial.to_first_step:.2f}s", flush=True)
-                Storage(fresh_uri).remove_tree("")
+                Storage(fresh_uri).remove_everything()
     for uri in prepared.values():
-        Storage(uri).remove_tree("")
+        Storage(uri).remove_everything()
     return trials
 
 
@@ -154,7 +160,9 @@ def _sources(batches: int, work: Path):
     import numpy as np
     import tensorflow as tf
 
-    from cluster_trainer.data import ArraySource, DatasetSource
+    import keras
+
+    from cluster_trainer.data import ArraySource, DatasetObjectSource, DatasetSource, PyDatasetSource
 
     samples = batches * DATA_BATCH
     rng = np.random.default_rng(0)
@@ -175,16 +183,29 @@ def _sources(batches: int, work: Path):
         return (tf.data.TFRecordDataset(str(path)).shuffle(4096, seed=seed * 1000 + epoch).skip(skip)
                 .map(parse, num_parallel_calls=tf.data.AUTOTUNE))
 
+    class ArrayBatches(keras.utils.PyDataset):  # batch i: rows [i * DATA_BATCH, (i + 1) * DATA_BATCH)
+        def __len__(self):
+            return batches
+
+        def __getitem__(self, index):
+            rows = slice(index * DATA_BATCH, (index + 1) * DATA_BATCH)
+            return x[rows], y[rows]
+
+    parsed_batches = tf.data.TFRecordDataset(str(path)).map(parse, num_parallel_calls=tf.data.AUTOTUNE).batch(DATA_BATCH)
     return {"numpy arrays (ArraySource)": ArraySource((x, y), shuffle=True),
+            "keras.utils.PyDataset (PyDatasetSource)": PyDatasetSource(ArrayBatches(), shuffle=True),
             "tf.data builder: TFRecord, shuffle, map (DatasetSource)": DatasetSource(builder),
-            "the same builder taking `skip`, skipping before its map": DatasetSource(builder_that_skips)}
+            "the same builder taking `skip`, skipping before its map": DatasetSource(builder_that_skips),
+            "tf.data.Dataset object: TFRecord, map, batch (DatasetObjectSource)": DatasetObjectSource(parsed_batches)}
 
 
 def _first_batch_seconds(source, strategy, start_batch: int) -> float:
     started = time.perf_counter()
     dataset = source.epoch_dataset(1, 0, DATA_BATCH, start_batch=start_batch)
     next(iter(strategy.experimental_distribute_dataset(dataset)))
-    return time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    source.stop()  # a PyDataset's reads ahead, outside the time
+    return seconds
 
 
 def run_data(batches_list: list[int], repeats: int, work: Path) -> list[DataTrial]:

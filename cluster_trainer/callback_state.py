@@ -42,11 +42,13 @@ Example:
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import random
 import socket
+import stat
 import time
 from typing import Any, Sequence
 
@@ -54,6 +56,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from cluster_trainer.confined import UnsafePathError
 from cluster_trainer.errors import JobError, StateMismatchError
 
 log = logging.getLogger(__name__)
@@ -71,6 +74,7 @@ STOCK_ATTRIBUTES: dict[type, tuple[str, ...]] = {
     keras.callbacks.LambdaCallback: (),
 }
 
+_BIT_GENERATORS = ("PCG64", "PCG64DXSM", "MT19937", "Philox", "SFC64")
 # Attributes every callback has that describe the current process, not the run.
 _NOT_STATE = {"model", "_model", "params", "validation_data", "_cluster_trainer_warned"}
 
@@ -150,6 +154,8 @@ def _decode(value: Any, tensors: dict[str, np.ndarray]) -> Any:
             return generator
         if "__numpy_generator__" in value:
             state = value["__numpy_generator__"]
+            if state.get("bit_generator") not in _BIT_GENERATORS:  # a name from storage never picks what is called
+                raise ValueError(f"unknown NumPy bit generator {state.get('bit_generator')!r}")
             generator = np.random.Generator(getattr(np.random, state["bit_generator"])())
             generator.bit_generator.state = state
             return generator
@@ -291,7 +297,11 @@ def restore(callbacks: Sequence[Any], state: dict[str, Any], tensors: dict[str, 
     check_matches(callbacks, state)
     for index, callback in enumerate(callbacks):
         key = _key(index, callback)
-        values = {k: _decode(v, tensors) for k, v in state[key].items() if k != "__extra__"}
+        try:
+            values = {k: _decode(v, tensors) for k, v in state[key].items() if k != "__extra__"}
+        except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as e:
+            raise StateMismatchError(f"callback {key}: its stored state cannot be decoded ({type(e).__name__}: {e}); "
+                                     "the checkpoint is damaged: start a new run with another --storage URI") from None
         if hasattr(callback, "get_state") and hasattr(callback, "set_state"):
             callback.set_state(values)
         else:
@@ -359,11 +369,23 @@ def _file_size(path: str) -> int:
 
 
 def _truncate(path: str, size: int) -> None:
+    """Cut the file at `path` to `size` bytes; locally never through a symbolic link, and only a regular file."""
     import tensorflow as tf
 
-    if os.path.exists(path):
-        with open(path, "r+b") as f:
-            f.truncate(size)
+    if os.path.lexists(path):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise UnsafePathError(f"{path} is a symbolic link; cluster-trainer never cuts back a file through "
+                                      "one: remove it") from None
+            raise
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise UnsafePathError(f"{path} is not a regular file; it is not cut back: remove it")
+            os.ftruncate(fd, size)
+        finally:
+            os.close(fd)
     elif tf.io.gfile.exists(path):  # object stores have no truncate: rewrite the kept prefix
         with tf.io.gfile.GFile(path, "rb") as f:
             kept = f.read(size)

@@ -122,7 +122,7 @@ def run_chaos(
     seed: int = 0,
     sigkill_share: float = 0.5,
     reference_uri: str | None = None,
-    every_steps: int | None = None,
+    every_steps: int | str | None = None,
     history_every_steps: int | None = 4,
     run_args: Sequence[str] = (),
     env: dict[str, str] | None = None,
@@ -139,7 +139,7 @@ def run_chaos(
         sigkill_share: the fraction of interruptions that are SIGKILL (no notice).
         reference_uri: the uninterrupted run (default `<uri>-reference`); trained here unless
             it already holds a finished run of the same job.
-        every_steps: override the job's checkpoint interval in both runs.
+        every_steps: override the job's checkpoint interval in both runs (a number, or "auto").
         history_every_steps: log history rows every N steps in both runs, to check them too.
         run_args: more `cluster-trainer run` options (`--devices 2`, `--set lr=1e-3`).
         env: environment for the training processes (default: this one).
@@ -164,7 +164,7 @@ def run_chaos(
     else:
         echo(f"using the finished reference run at {reference_uri}")
     total = reference.state["position"]["global_step"]
-    interval = every_steps or _checkpoint_interval(reference)
+    interval = every_steps if isinstance(every_steps, int) else _checkpoint_interval(reference)
     if _newest(uri) is not None:
         raise RuntimeError(f"{uri} already holds a run; give a fresh --storage URI")
 
@@ -310,7 +310,13 @@ def _uncommitted(uri: str) -> list[str]:
 
 
 def _checkpoint_interval(reference: Checkpoint) -> int | None:
-    return reference.state["job"].get("checkpoint_every_steps")
+    """The reference's interval in steps: its fixed one, or with "auto" the one its cadence chose last
+    (the interrupted run measures its own, so kills aimed at its commits land near them, not on them)."""
+    every = reference.state["job"].get("checkpoint_every_steps")
+    if every == "auto":
+        interval = (reference.state.get("cadence") or {}).get("interval") or {}
+        return interval.get("steps") or None
+    return every
 
 
 def _compares_python_rng(uri: str) -> bool:
@@ -349,6 +355,10 @@ def compare_runs(reference: Checkpoint, other: Checkpoint, python_rng: bool = Tr
 
 def _comparable(part: str, state):
     """`state` without what differs by design between an interrupted and an uninterrupted run."""
+    if part == "variables":
+        # A model built twice in one process gets other auto-generated layer names (`dense_1`); the
+        # stable path beside each name is what must match.
+        return [{k: v for k, v in entry.items() if k != "path"} for entry in state]
     if part != "callbacks":
         return state
     # TensorBoard's event file lengths: every process writes files of its own, so an interrupted run
@@ -386,6 +396,15 @@ def compare_histories(reference_uri: str, uri: str) -> tuple[list[str], int, int
     return differences, counts[0], counts[1]
 
 
+def _interval(text: str) -> int | str:
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected a number of steps or "auto", got {text!r}') from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m cluster_trainer.chaos",
@@ -399,7 +418,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="seeds the schedule of signals (default 0)")
     parser.add_argument("--sigkill-share", type=float, default=0.5, metavar="P",
                         help="fraction of interruptions that are SIGKILL, without notice (default 0.5)")
-    parser.add_argument("--every-steps", type=int, metavar="N", help="override the job's checkpoint interval")
+    parser.add_argument("--every-steps", type=_interval, metavar="N",
+                        help='override the job\'s checkpoint interval: a number of steps, or "auto"')
     parser.add_argument("--history-every-steps", type=int, default=4, metavar="N",
                         help="log history rows every N steps in both runs, to check them too (default 4; 0: off)")
     parser.add_argument("--workers", type=int, default=1, metavar="N",

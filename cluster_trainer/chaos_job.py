@@ -8,7 +8,7 @@ uninterrupted reference run too, so both runs have the same callback list.
 Environment:
     CLUSTER_TRAINER_CHAOS_JOB             the user's job file (required)
     CLUSTER_TRAINER_CHAOS_PROGRESS        where to write the global step
-    CLUSTER_TRAINER_CHAOS_EVERY_STEPS     override the checkpoint interval
+    CLUSTER_TRAINER_CHAOS_EVERY_STEPS     override the checkpoint interval (a number, or "auto")
     CLUSTER_TRAINER_CHAOS_HISTORY_STEPS   log history rows every N steps, to check them too
 """
 
@@ -59,6 +59,7 @@ _history_steps = os.environ.get("CLUSTER_TRAINER_CHAOS_HISTORY_STEPS")
 job = dataclasses.replace(
     _base,
     callbacks=_callbacks,
-    checkpoint=dataclasses.replace(_base.checkpoint, every_steps=int(_every)) if _every else _base.checkpoint,
+    checkpoint=dataclasses.replace(_base.checkpoint, every_steps=_every if _every == "auto" else int(_every))
+    if _every else _base.checkpoint,
     history_every_steps=int(_history_steps) if _history_steps else _base.history_every_steps,
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
 import json
 import logging
@@ -47,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
               cluster-trainer run jobs/mlp.py --storage runs/mlp --set lr=3e-4 --devices 2
               cluster-trainer status runs/mlp
               cluster-trainer history runs/mlp --format csv
-              cluster-trainer export runs/mlp mlp.keras
+              cluster-trainer export runs/mlp mlp.keras --job jobs/mlp.py
             """
         ),
         epilog=EXIT_CODES,
@@ -107,11 +108,17 @@ def build_parser() -> argparse.ArgumentParser:
             failures only); ASHA stops poor trials early. The same command again continues an
             interrupted sweep: finished trials are kept, unfinished ones resume from their state.
             The trials table is <URI>/trials.parquet (`cluster-trainer sweep-status URI`).
+            Trials run in warm training processes (TensorFlow imported and the job file loaded
+            once), Keras's global state reset between trials. Ray Tune's state is sealed with the
+            key file $CLUSTER_TRAINER_SWEEP_KEY_FILE (default ~/.config/cluster-trainer/sweep.key,
+            created on first use): continuing the sweep on another machine needs the same key.
 
             examples:
               cluster-trainer sweep jobs/mlp.py --storage runs/sweep --grid lr=1e-2,1e-3 --grid units=32,64
               cluster-trainer sweep jobs/mlp.py --storage gs://b/sweeps/lr --loguniform lr=1e-4:1e-1 \\
                   --num-samples 16 --scheduler asha --max-concurrent 4 --num-gpus 1
+              cluster-trainer sweep jobs/mlp.py --storage runs/tpe --search optuna --seed 7 \\
+                  --loguniform lr=1e-4:1e-1 --choice units=32,64,128 --num-samples 50 --max-concurrent 4
             """
         ),
         epilog=EXIT_CODES,
@@ -131,10 +138,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help="samples of the space; each grid point is run N times (default 1)")
     sweep.add_argument("--metric", default="val_loss", help="the history column that ranks trials (default val_loss)")
     sweep.add_argument("--mode", choices=["min", "max"], default="min")
+    sweep.add_argument("--search", choices=["random", "optuna"],
+                       help="random: every grid point, values drawn at random (the default); optuna: Optuna's TPE "
+                            "proposes each config from the results so far (no --grid: use --choice)")
+    sweep.add_argument("--seed", type=int, metavar="N",
+                       help="seeds the search, so the same sweep proposes the same configs (default: the job's seed)")
+    sweep.add_argument("--fresh-workers", action="store_true",
+                       help="start a new training process for every trial instead of reusing warm ones (for job "
+                            "files whose module-level objects change while they train)")
     sweep.add_argument("--scheduler", choices=["asha"], help="asha: stop poor trials early (default: run all to the end)")
     sweep.add_argument("--grace-period", type=int, default=1, metavar="EPOCHS",
                        help="ASHA judges a trial only after this many epochs (default 1)")
-    sweep.add_argument("--max-concurrent", type=int, metavar="N", help="trials at once (default: what resources allow)")
+    sweep.add_argument("--max-concurrent", type=int, metavar="N",
+                       help="trials at once (default: as many training actors as the cluster holds at the start)")
     sweep.add_argument("--epochs", type=int, help="override the job's epochs")
     sweep.add_argument("--devices", type=int, help="replicas for MirroredStrategy in each trial's actor")
     sweep_ray = sweep.add_argument_group("Ray", "Where trials run, and what each trial's training actor asks for.")
@@ -144,8 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
                                        help="the trials of a sweep: config, best metric, epochs, status")
     sweep_status.add_argument("uri", metavar="URI")
     sweep_status.add_argument("--format", choices=["text", "csv", "json"], default="text")
-    sweep_status.add_argument("--plot", metavar="OUT.png", help="draw each trial's metric against epoch into OUT.png")
+    sweep_status.add_argument("--plot", metavar="OUT.png",
+                              help="draw into OUT.png each trial's metric against epoch (a trial stopped early ends "
+                                   "in an x, the best trial drawn bold), and below it each config value against the "
+                                   "trial's best metric, one panel per swept key")
     sweep_status.add_argument("--metric", default="val_loss", help="the metric to plot (default val_loss)")
+    sweep_status.add_argument("--mode", choices=["min", "max"], default="min",
+                              help="whether the best trial has the lowest (default) or highest --metric")
 
     status = commands.add_parser("status", parents=[store], help="where a run is: position, attempt, last metrics")
     status.add_argument("uri", metavar="URI")
@@ -179,7 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", parents=[store], help="write the run's model as a standard .keras file")
     export.add_argument("uri", metavar="URI")
     export.add_argument("output", metavar="OUT.keras")
-    export.add_argument("--job", metavar="JOB.py", help="the job file (default: the path recorded in the run)")
+    export.add_argument("--job", metavar="JOB.py",
+                        help="the job file that trained the run (needed: the architecture is code, and export never "
+                             "imports a file named by what the run stores)")
     return parser
 
 
@@ -221,6 +244,14 @@ _PREEMPTED: list[BaseException] = []
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cluster_trainer.preemption import early_signals
+
+    # From the first moment: a SIGTERM while TensorFlow imports stops a run with exit code 75, not -15.
+    with early_signals() if (argv if argv is not None else sys.argv[1:])[:1] == ["run"] else contextlib.nullcontext():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TensorFlow is imported
     handler = logging.StreamHandler(sys.stderr)
@@ -232,12 +263,17 @@ def main(argv: list[str] | None = None) -> int:
         # `kill -USR1 <pid>` prints every thread's stack to stderr: where a stuck upload or step waits.
         faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
+        if args.command == "export":
+            from cluster_trainer.export import check_arguments
+
+            check_arguments(args.output, args.job)  # before TensorFlow's seconds of import
         if args.command in ("run", "export", "sweep") and os.environ["TF_CPP_MIN_LOG_LEVEL"].strip() not in ("0", "1"):
             from cluster_trainer.native_logs import import_tensorflow_quietly
 
             native = import_tensorflow_quietly()
             if "cuInit" in native or "Could not find cuda drivers" in native:
                 package_log.debug("TensorFlow found no usable CUDA driver; running on CPU")
+        _stop_if_signalled_while_starting()  # before Keras and the job file import, which take seconds more
         if args.command in ("run", "export", "sweep"):
             from cluster_trainer.keras_compat import check_versions
 
@@ -256,6 +292,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # a second Ctrl-C during the flush
         print("cluster-trainer: interrupted before the state was committed", file=sys.stderr)
         return EXIT_FAILURE
+    except Exception as e:  # a full or read-only disk where this command wrote (an output file, say): one line
+        from cluster_trainer.storage import disk_error
+
+        translated = disk_error(e)
+        if translated is None:
+            raise
+        print(f"cluster-trainer: error: {translated}", file=sys.stderr)
+        return translated.exit_code
 
 
 def _run(args) -> int:
@@ -264,6 +308,7 @@ def _run(args) -> int:
 
     job = load_job(args.job).with_overrides(args.overrides)
     verbose = args.verbose if args.verbose == "auto" else int(args.verbose)
+    _stop_if_signalled_while_starting()
     if args.no_ray:
         ray_only = [flag for flag, value in (
             ("--ray-address", args.ray_address), ("--num-cpus", args.num_cpus), ("--num-gpus", args.num_gpus),
@@ -297,6 +342,14 @@ def _run(args) -> int:
     return EXIT_OK
 
 
+def _stop_if_signalled_while_starting() -> None:
+    """Exit 75 at once if a SIGTERM came while the command started (see `preemption.early_signals`)."""
+    from cluster_trainer.preemption import early_notice, started_too_late
+
+    if early_notice():
+        raise started_too_late(early_notice())
+
+
 def _sweep(args) -> int:
     from cluster_trainer.job import load_job
     from cluster_trainer.sweep import parse_space, sweep
@@ -305,6 +358,7 @@ def _sweep(args) -> int:
     space = parse_space(args.grid, args.choice, args.uniform, args.loguniform)
     table = sweep(
         job, space, storage=args.storage, metric=args.metric, mode=args.mode, num_samples=args.num_samples,
+        search=args.search, seed=args.seed, fresh_workers=args.fresh_workers,
         scheduler=args.scheduler, grace_period=args.grace_period, max_concurrent=args.max_concurrent,
         resources=_resources(args, job.resources), devices=args.devices, epochs=args.epochs,
         max_failures=args.max_failures, address=args.ray_address, storage_options=_storage_options(args),
@@ -319,7 +373,7 @@ def _sweep_status(args) -> int:
 
     options = _storage_options(args)
     if args.plot:
-        plot_trials(args.uri, args.plot, metric=args.metric, storage_options=options)
+        plot_trials(args.uri, args.plot, metric=args.metric, mode=args.mode, storage_options=options)
         print(f"cluster-trainer: wrote {args.plot}", file=sys.stderr)
         return EXIT_OK
     table = read_trials(args.uri, options)
@@ -360,6 +414,7 @@ def _resources(args, default):
 
 
 def _status(args) -> int:
+    from cluster_trainer.cadence import describe_state
     from cluster_trainer.checkpoint import CheckpointStore
     from cluster_trainer.history import RUN_COLUMNS, latest_checkpoint
     from cluster_trainer.storage import Storage
@@ -383,6 +438,7 @@ def _status(args) -> int:
         "committed_checkpoints": CheckpointStore(Storage(args.uri, options)).committed(),
         "last_epoch": epochs[-1] if epochs else None,
         "resumed_epochs": sum(1 for row in epochs if row["resumed"]),
+        "cadence": state.get("cadence") if isinstance(state.get("cadence"), dict) else None,
     }
     if args.json:
         print(json.dumps(info, indent=2, default=float))
@@ -397,6 +453,8 @@ def _status(args) -> int:
         metrics = "  ".join(f"{k}={v:.6g}" for k, v in last.items()
                             if k not in ("epoch", "global_step", *RUN_COLUMNS) and v is not None)
         print(f"last epoch {last['epoch']}: {metrics}  ({last['epoch_seconds']:.1f}s)")
+    for line in describe_state(info["cadence"] or {}):
+        print(line)
     return EXIT_OK
 
 

@@ -32,6 +32,7 @@ from typing import Callable
 
 import pandas as pd
 
+from cluster_trainer import run_state
 from cluster_trainer.checkpoint import Checkpoint, CheckpointStore
 from cluster_trainer.errors import CheckpointError, ConfigError
 from cluster_trainer.storage import Storage
@@ -151,7 +152,7 @@ def latest_checkpoint(uri: str, storage_options: dict | None = None) -> Checkpoi
     """The newest verified checkpoint under `uri`; `CheckpointError` if there is none."""
     storage = Storage(uri, storage_options)
     storage.check()
-    checkpoint = CheckpointStore(storage).load_latest()
+    checkpoint = CheckpointStore(storage, check_state=run_state.check).load_latest()
     if checkpoint is None:
         raise CheckpointError(f"no committed checkpoint under {uri}: is this the run's --storage URI?")
     return checkpoint

@@ -25,7 +25,13 @@ class CheckpointPolicy:
     """When checkpoints are committed, which are kept, and how they are written.
 
     Args:
-        every_steps: commit after every N training steps (None: never mid-epoch).
+        every_steps: "auto" (recommended): the run paces its commits from what it
+            measures (what a save costs the training thread, what a commit takes on
+            this store, the step time, the interruptions its attempts have seen;
+            see `cluster_trainer.cadence`); or commit after every N training steps;
+            or None: never mid-epoch.
+        max_overhead: with `every_steps="auto"`, the share of training time saves
+            may cost the training thread (0.03: 3%).
         every_epoch: commit at the end of every epoch (after `on_epoch_end`).
         keep_last: how many of the newest committed checkpoints to keep.
         keep_best: an epoch metric (e.g. "val_loss"): also keep the epoch-end
@@ -38,9 +44,12 @@ class CheckpointPolicy:
     Example:
         >>> CheckpointPolicy(every_steps=100, keep_last=2, keep_best="val_loss").retention().keep_best
         'val_loss'
+        >>> CheckpointPolicy(every_steps="auto").max_overhead
+        0.03
     """
 
-    every_steps: int | None = None
+    every_steps: int | str | None = None
+    max_overhead: float = 0.03
     every_epoch: bool = True
     keep_last: int = 3
     keep_best: str | None = None
@@ -50,8 +59,15 @@ class CheckpointPolicy:
     max_in_flight: int = 1
 
     def __post_init__(self):
-        if self.every_steps is not None and (not isinstance(self.every_steps, int) or self.every_steps < 1):
-            raise JobError(f"CheckpointPolicy.every_steps must be an integer >= 1, or None; got {self.every_steps!r}")
+        every = self.every_steps
+        fixed = isinstance(every, int) and not isinstance(every, bool) and every >= 1
+        if every is not None and every != "auto" and not fixed:
+            raise JobError(f'CheckpointPolicy.every_steps must be an integer >= 1, "auto" (paced by what the run '
+                           f"measures) or None; got {every!r}")
+        overhead = self.max_overhead
+        if not isinstance(overhead, (int, float)) or isinstance(overhead, bool) or not 0 < overhead < 1:
+            raise JobError(f"CheckpointPolicy.max_overhead must be a fraction of training time between 0 and 1 "
+                           f"(0.03: 3%), got {overhead!r}")
         for field in ("keep_last", "shard_mb", "max_in_flight"):
             value = getattr(self, field)
             if not isinstance(value, int) or value < 1:
@@ -59,6 +75,9 @@ class CheckpointPolicy:
         self.retention()  # validates keep_last, best_mode, keep_every_epochs
 
     def due_at_step(self, global_step: int) -> bool:
+        """Whether a fixed interval commits at `global_step`; with "auto" the run's `Cadence` decides."""
+        if self.every_steps == "auto":
+            raise JobError('every_steps="auto" is decided by the run: ask cluster_trainer.cadence.Cadence.due()')
         return self.every_steps is not None and global_step % self.every_steps == 0
 
     def retention(self):
@@ -167,12 +186,16 @@ class Job:
         name: a short name, shown in logs and stored with every checkpoint.
         build_model: `build_model(config) -> keras.Model`, compiled. Called inside
             the distribution strategy's scope, so variables are mirrored.
-        train_data: `(x, y)` numpy arrays (shuffled each epoch by `(seed, epoch)`,
-            resumed without reading skipped batches), or a builder
+        train_data: `(x, y)` or `(x, y, sample_weight)` numpy arrays (shuffled each
+            epoch by `(seed, epoch)`, resumed without reading skipped batches); a
+            `keras.utils.PyDataset` (its batch indices shuffled likewise, resumed
+            in O(1)); a `tf.data.Dataset` whose order is the same each time it is
+            iterated, batched or not (resumed by skipping); or a builder
             `fn(epoch, seed) -> tf.data.Dataset` of *unbatched* `(x, y)` examples
             whose order depends only on its arguments (resumed by skipping), or
             `fn(epoch, seed, skip)`, which skips the first `skip` examples itself
-            (before its parse, where skipping is cheap).
+            (before its parse, where skipping is cheap). A third element of a
+            tuple or of a dataset's elements is the per-example weight, as in `fit`.
         validation_data: same forms as `train_data`, or None. Never shuffled.
         callbacks: `callbacks(config)` or `callbacks(config, run)` returning Keras
             callbacks. `run` is a `RunContext` (use `run.path("tb")` for log dirs).
@@ -190,6 +213,20 @@ class Job:
         resources: what each attempt asks a Ray cluster for (`Resources`: CPUs,
             GPUs, custom resources, node labels); `--num-gpus`, `--num-cpus`,
             `--resource` and `--label-selector` override it. Ignored in-process.
+        shuffle: shuffle arrays and PyDataset batches each epoch (`fit`'s `shuffle`;
+            a `tf.data` pipeline orders itself).
+        class_weight: `{class index: weight}`, as in `fit`: each training example's
+            loss is weighted by its class (one output; not with sample weights).
+        steps_per_epoch: train this many batches per epoch, as `fit` does: the
+            epochs are consecutive windows of the data, a pass that ends mid-epoch
+            ends that epoch early, and the next epoch starts a new pass. Required
+            for infinite data (`.repeat()`), whose epochs then continue one stream.
+        validation_steps: validate on at most this many batches, from the start of
+            the validation data each time.
+        validation_batch_size: the batch size of validation arrays and builders
+            (default: `batch_size`).
+        validation_freq: validate every N epochs (an int), or after the epochs listed
+            (1-based, e.g. `[1, 5, 10]`), as in `fit`.
 
     Example:
         >>> import keras, numpy as np
@@ -218,6 +255,12 @@ class Job:
     deterministic: bool = True
     storage_options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     resources: Resources = Resources()
+    shuffle: bool = True
+    class_weight: Mapping[int, float] | None = None
+    steps_per_epoch: int | None = None
+    validation_steps: int | None = None
+    validation_batch_size: int | None = None
+    validation_freq: int | Sequence[int] = 1
     source_path: str | None = None
 
     def __post_init__(self):
@@ -240,7 +283,39 @@ class Job:
         if not isinstance(self.resources, Resources):
             raise JobError(f"Job.resources must be a cluster_trainer.Resources(num_cpus=..., num_gpus=..., ...), "
                            f"got {self.resources!r}")
+        if self.shuffle not in (True, False):
+            raise JobError(f"Job.shuffle must be True or False, got {self.shuffle!r} (fit's shuffle='batch', for "
+                           "HDF5 arrays, is not supported: load the arrays, or pass a PyDataset)")
+        for field in ("steps_per_epoch", "validation_steps", "validation_batch_size"):
+            value = getattr(self, field)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise JobError(f"Job.{field} must be a positive integer, or None; got {value!r}")
+        if self.class_weight is not None:
+            if not isinstance(self.class_weight, Mapping) or not all(
+                isinstance(k, int) and not isinstance(k, bool) and k >= 0 and isinstance(v, (int, float))
+                and not isinstance(v, bool) for k, v in self.class_weight.items()
+            ):
+                raise JobError(f"Job.class_weight must be a dict of class index -> weight, like {{0: 1.0, 1: 5.0}}; "
+                               f"got {self.class_weight!r}")
+            object.__setattr__(self, "class_weight", {k: float(v) for k, v in self.class_weight.items()})
+        freq = self.validation_freq
+        if isinstance(freq, (list, tuple)) and all(isinstance(e, int) and not isinstance(e, bool) and e >= 1 for e in freq):
+            object.__setattr__(self, "validation_freq", tuple(freq))
+        elif not isinstance(freq, int) or isinstance(freq, bool) or freq < 1:
+            raise JobError(f"Job.validation_freq must be a positive integer or a list of epochs (from 1); got {freq!r}")
         object.__setattr__(self, "config", dict(self.config))
+
+    def validates_after(self, epoch: int) -> bool:
+        """Whether validation runs at the end of `epoch` (0-based), by `validation_freq` as `fit` reads it.
+
+        Example:
+            >>> job = Job(name="j", build_model=print, train_data=(), validation_freq=2)
+            >>> [job.validates_after(epoch) for epoch in range(4)]
+            [False, True, False, True]
+        """
+        if isinstance(self.validation_freq, int):
+            return (epoch + 1) % self.validation_freq == 0
+        return epoch + 1 in self.validation_freq
 
     def with_overrides(self, assignments: Sequence[str]) -> "Job":
         """A copy whose config has `key=value` assignments applied (typed; see `parse_override`)."""
@@ -300,9 +375,14 @@ def parse_override(assignment: str, config: Mapping[str, Any]) -> tuple[str, Any
         value = float(value)
     if current is not None and value is not None and type(value) is not type(current):
         raise ConfigError(
-            f"--set {key}={raw}: expected a {type(current).__name__} like {current!r}, got {type(value).__name__}"
+            f"--set {key}={raw}: expected {_article(type(current).__name__)} {type(current).__name__} like {current!r}, "
+            f"got {type(value).__name__}"
         )
     return key, value
+
+
+def _article(word: str) -> str:
+    return "an" if word[:1].lower() in "aeiou" else "a"
 
 
 def load_job(path: str) -> Job:

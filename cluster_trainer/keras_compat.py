@@ -20,7 +20,10 @@ What is used, and why:
 - `KerasVariable._value`: the TensorFlow variable behind a Keras variable, and
   `tensorflow.python.distribute.values.SyncOnReadVariable` with `.values`: each
   replica's part of a metric accumulator (restoring the sum changes the
-  reported metric in the last digit).
+  reported metric in the last digit); `MirroredVariable.values`: each
+  replica's copy of a mirrored variable, which layers such as
+  BatchNormalization update from their replica's part of the batch, so the
+  copies differ (as they do in `fit`).
 - `CallbackList._flush_futures`: Keras runs batch-end callbacks asynchronously
   for some callbacks; their state is read only once they have run.
 - `keras.src.backend.tensorflow.trainer.reduce_per_replica`: under a
@@ -34,6 +37,30 @@ What is used, and why:
   strategy takes every local GPU, or exactly one CPU;
   `multi_worker_strategy` hands it N logical CPU devices per worker instead,
   so a machine without GPUs runs N replicas as `--devices N` does on one.
+- `keras.src.backend.common.global_state.GLOBAL_STATE_TRACKER` and the module
+  settings of `keras.src.backend.config`: what a process that trains one run
+  after another (a warm sweep worker) snapshots and puts back between runs, so
+  a run in a reused process is bitwise the run of a fresh one
+  (`process_state_snapshot`, `restore_process_state`).
+- `MirroredStrategy._collective_key_base`: where a new strategy starts numbering
+  its collective ops. A second strategy in one process reuses the first one's
+  keys, and TensorFlow's collective runtime then refuses a reduction of another
+  dtype (checked: a float64 run after a mixed-precision one failed with
+  "Collective instance 100 expected type 0 and data_type 1 but got type 0 and
+  data_type 2"). TensorFlow's own tests move the base on by 100000 for each new
+  strategy; `fresh_collective_keys` does the same.
+- The TensorFlow optimizer's `_backend_apply_gradients` and the update methods
+  it calls: with `gradient_accumulation_steps`, Keras puts the gradient
+  all-reduce and `merge_call`s inside a `cond`, which fails under any
+  MirroredStrategy, in `fit` too; `distribute_gradient_accumulation` moves the
+  all-reduce before the `cond` and keeps the updates on each replica's copy.
+- `Dataset._variant_tensor` (through `DatasetToGraphV2`): a `tf.data.Dataset`'s
+  graph, read to refuse an order that changes per iteration and to tell
+  batched from unbatched.
+- `keras.src.trainers.data_adapters`: `PyDatasetAdapter` reads a PyDataset as
+  `fit` does (its workers, its queue, its class weights);
+  `make_class_weight_map_fn` and `class_weight_to_sample_weights` apply
+  `class_weight` as `fit` does for datasets and for arrays.
 """
 
 from __future__ import annotations
@@ -41,6 +68,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import types
 
 import tensorflow as tf
 from tensorflow.python.distribute import collective_all_reduce_strategy as tf_collective_strategy
@@ -127,6 +155,20 @@ def sync_on_read_parts(variable) -> list | None:
     """Each replica's component of a SyncOnRead variable (a metric accumulator under a strategy), else None."""
     backing = backing_variable(variable)
     if isinstance(backing, tf_distribute_values.SyncOnReadVariable):
+        return list(backing.values)
+    return None
+
+
+def mirrored_copies(variable) -> list | None:
+    """Each replica's copy of a mirrored variable, else None.
+
+    TensorFlow keeps the copies equal only for updates it aggregates. A variable with
+    aggregation NONE that a layer assigns in replica context (BatchNormalization's
+    moving statistics) is updated from each replica's own part of the batch, so
+    its copies differ, under `fit` as here.
+    """
+    backing = backing_variable(variable)
+    if isinstance(backing, tf_distribute_values.MirroredVariable):
         return list(backing.values)
     return None
 
@@ -244,3 +286,168 @@ def _replaced(owner, name: str, value):
         yield
     finally:
         setattr(owner, name, original)
+# -- a process that trains one run after another (warm sweep workers) -----------------------------
+
+# Keras settings kept as module globals of keras.src.backend.config, each with its public getter and setter.
+_CONFIG_SETTINGS = ("floatx", "epsilon", "image_data_format", "max_epochs", "max_steps_per_epoch")
+
+
+def process_state_snapshot() -> dict:
+    """What a later run in this process must find as this moment left it: Keras's settings, Keras's global state, RNGs.
+
+    - Keras's settings: floatx, epsilon, image data format, max epochs and steps per
+      epoch (`keras.config`), and whether NNX is on;
+    - the plain values of Keras's global state (kept per thread): the dtype policy
+      (mixed precision), the seed set by `keras.utils.set_random_seed`, logging and
+      traceback switches, and the like. Objects there (models' name counters, the
+      global SeedGenerator) are not kept: `restore_process_state` starts them afresh;
+    - Python's and NumPy's global random generators.
+
+    Take it where a fresh process would be: right after importing Keras, or right
+    after loading a job file (which may set a policy at import).
+    """
+    import random
+
+    import keras
+    import numpy as np
+    from keras.src.backend.common import global_state
+    from keras.src.dtype_policies.dtype_policy import DTypePolicy
+
+    plain = (bool, int, float, str, type(None), DTypePolicy)
+    return {
+        "config": {name: getattr(keras.config, name)() for name in _CONFIG_SETTINGS},
+        "nnx": keras.config.is_nnx_enabled(),
+        "global_state": {k: v for k, v in vars(global_state.GLOBAL_STATE_TRACKER).items() if isinstance(v, plain)},
+        "python_rng": random.getstate(),
+        "numpy_rng": np.random.get_state(),
+    }
+
+
+def restore_process_state(snapshot: dict) -> None:
+    """Put back a `process_state_snapshot`, after dropping everything Keras holds globally.
+
+    `keras.backend.clear_session()` drops Keras's global state in every thread (models'
+    name counters, the global SeedGenerator, the dtype policy, ...) and TensorFlow's
+    default graph and kernel cache; then the snapshot's settings and plain global
+    values come back, on the calling thread (the one that trains next), and the RNGs.
+    The next MirroredStrategy gets collective keys of its own (`fresh_collective_keys`).
+    What this cannot undo: a job file's own module-level objects (load the job file
+    again to reset those) and TensorFlow settings fixed once per process (logical
+    devices, op determinism), which every run of a sweep sets alike.
+    """
+    import random
+
+    import keras
+    import numpy as np
+    from keras.src.backend.common import global_state
+
+    keras.backend.clear_session(free_memory=True)
+    for name, value in snapshot["config"].items():
+        if getattr(keras.config, name)() != value:
+            getattr(keras.config, f"set_{name}")(value)
+    if keras.config.is_nnx_enabled() != snapshot["nnx"]:
+        from keras.src.backend import config as backend_config
+
+        backend_config.set_nnx_enabled(snapshot["nnx"])
+    for name, value in snapshot["global_state"].items():
+        global_state.set_global_attribute(name, value)
+    random.setstate(snapshot["python_rng"])
+    np.random.set_state(snapshot["numpy_rng"])
+    fresh_collective_keys()
+
+
+# How far each new MirroredStrategy's collective keys move on (what TensorFlow's strategy_combinations uses).
+_COLLECTIVE_KEY_STEP = 100_000
+
+
+def fresh_collective_keys() -> None:
+    """Make the next MirroredStrategy in this process use collective keys no earlier strategy here used.
+
+    The keys only name the reductions: a run's numbers do not depend on them.
+    """
+    from tensorflow.python.distribute import mirrored_strategy
+
+    for strategy_class in (mirrored_strategy.MirroredStrategy, mirrored_strategy.MirroredStrategyV1):
+        strategy_class._collective_key_base += _COLLECTIVE_KEY_STEP
+
+
+# -- the step and the data, as fit has them ---------------------------------------------------------
+
+
+def distribute_gradient_accumulation(optimizer) -> None:
+    """Make an optimizer with `gradient_accumulation_steps` train under a distribution strategy.
+
+    Keras 3.15 (TensorFlow backend) accumulates each replica's own gradients and,
+    every N-th step, inside an `ops.cond`, averages them, applies weight decay
+    through a `merge_call` and all-reduces them (`_backend_update_step`). TensorFlow
+    rejects a `merge_call` or an all-reduce inside a `cond` branch ("merge_call called
+    while defining a new graph or a tf.function"), so `fit` fails at its first step
+    under any MirroredStrategy, with or without weight decay.
+
+    Here the gradients are all-reduced (summed over replicas, as Keras does before
+    its update) on every step, before the `cond`; inside it every replica then
+    accumulates, decays and updates its own copy of each variable with Keras's
+    replica-local methods (the variables have aggregation NONE, so an update in
+    replica context touches that replica's copy only). All copies get the same
+    values, so they stay equal. On one replica this is exactly Keras's arithmetic;
+    on several, `clipnorm`/`clipvalue` clip the global gradient instead of each
+    replica's part. An optimizer without gradient accumulation is left as it is.
+    """
+    from keras.src.optimizers.base_optimizer import BaseOptimizer
+
+    target = getattr(optimizer, "inner_optimizer", optimizer)  # a LossScaleOptimizer wraps the one that accumulates
+    if not getattr(target, "gradient_accumulation_steps", None):
+        return
+    apply_local = target._backend_apply_gradients
+
+    def apply_reduced(grads, trainable_variables):
+        reduced = target._all_reduce_sum_gradients(list(zip(grads, trainable_variables)))
+        return apply_local([grad for grad, _ in reduced], trainable_variables)
+
+    target._backend_apply_gradients = apply_reduced
+    for name in ("_backend_update_step", "_apply_weight_decay", "_backend_increment_gradient_accumulators"):
+        setattr(target, name, types.MethodType(getattr(BaseOptimizer, name), target))
+
+
+def dataset_graph(dataset):
+    """The GraphDef of a `tf.data.Dataset`'s pipeline (`Dataset._variant_tensor` is private), to read its ops:
+    how it shuffles, whether its elements are batches. State it captures (a generator) is left out."""
+    from tensorflow.core.framework import graph_pb2
+
+    serialized = tf.raw_ops.DatasetToGraphV2(input_dataset=dataset._variant_tensor, external_state_policy=1,
+                                             strip_device_assignment=True)
+    graph = graph_pb2.GraphDef()
+    graph.ParseFromString(serialized.numpy())
+    return graph
+
+
+def py_dataset_batches(py_dataset, output_signature=None, class_weight: dict | None = None):
+    """A PyDataset's batches as `fit` reads them: Keras's adapter, with the dataset's workers and queue.
+
+    Returns `(dataset, stop, output_signature)`: a `tf.data.Dataset` of batches in
+    index order (with per-example class weights added, if given), a function that
+    stops the adapter's workers (call it when leaving the pass early), and the
+    batches' TensorSpecs (read from the first two batches unless given, as `fit`
+    does once).
+    """
+    from keras.src.trainers.data_adapters.py_dataset_adapter import PyDatasetAdapter
+
+    adapter = PyDatasetAdapter(py_dataset, class_weight=class_weight, shuffle=False)
+    if output_signature is not None:
+        adapter._output_signature = output_signature
+    dataset = adapter.get_tf_dataset()
+    return dataset, adapter.on_epoch_end, adapter._output_signature
+
+
+def class_weight_map_fn(class_weight: dict):
+    """Keras's map from batches `(x, y)` to `(x, y, per-example class weight)`, the one `fit` applies."""
+    from keras.src.trainers.data_adapters.tf_dataset_adapter import make_class_weight_map_fn
+
+    return make_class_weight_map_fn(class_weight)
+
+
+def class_weight_to_sample_weights(y, class_weight: dict):
+    """Each example's weight from its class, as `fit` computes it for array data (1 for a class not listed)."""
+    from keras.src.trainers.data_adapters.data_adapter_utils import class_weight_to_sample_weights as weights
+
+    return weights(y, class_weight)

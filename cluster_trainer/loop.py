@@ -36,18 +36,27 @@ from typing import Any, Callable, Sequence
 import keras
 import tensorflow as tf
 
-from cluster_trainer import callback_state, keras_compat
+from cluster_trainer import callback_state, keras_compat, run_state
 from cluster_trainer.agreement import PEER_LOST_ERRORS, Agreement, Group, Vote, WorkerLostError, peer_lost_reason
+from cluster_trainer.cadence import Cadence
 from cluster_trainer.checkpoint import (
     Checkpoint, CheckpointStore, CheckpointWriter, SupersededError, checkpoint_name, register_attempt,
 )
 from cluster_trainer.checkpoint.format import parse_name
 from cluster_trainer.data import as_source, replica_batches
+from cluster_trainer.deadlines import late_notice_warning, notice_windows
 from cluster_trainer.devices import enable_determinism, make_strategy, on_several_workers
-from cluster_trainer.errors import CheckpointError, ConfigError, JobError
+from cluster_trainer.errors import CheckpointError, ClusterTrainerError, ConfigError, JobError, StateMismatchError
 from cluster_trainer.history import HistoryRecorder
 from cluster_trainer.job import Job, RunContext
-from cluster_trainer.preemption import Notice, NoticeSource, PreemptedError, PreemptionWatcher, sources_from_environment
+from cluster_trainer.preemption import (
+    Notice,
+    NoticeSource,
+    PreemptedError,
+    PreemptionWatcher,
+    sources_from_environment,
+    started_too_late,
+)
 from cluster_trainer.state import (
     capture_model_state,
     capture_rng_state,
@@ -58,7 +67,7 @@ from cluster_trainer.state import (
     take_part_in_capture,
 )
 from cluster_trainer.run_files import RunFiles
-from cluster_trainer.storage import Storage
+from cluster_trainer.storage import Storage, disk_error
 from cluster_trainer.workers import Workers
 
 log = logging.getLogger(__name__)
@@ -76,6 +85,10 @@ class Position:
     # Train logs of the epoch so far, for an epoch resumed after its last batch
     # (the logs `fit` would carry from the last step into on_epoch_end).
     train_logs: dict | None = None
+    # Where this epoch began in the data: pass `data_pass` (None: the epoch's own number), batch
+    # `data_offset` of it. With steps_per_epoch, fit's epochs are windows of a pass (see `_Run._next_start`).
+    data_pass: int | None = None
+    data_offset: int = 0
 
 
 @dataclasses.dataclass
@@ -144,7 +157,8 @@ def train(
     run_storage = Storage(storage, {**job.storage_options, **(storage_options or {})})
     run_storage.check()
     policy = job.checkpoint
-    store = CheckpointStore(run_storage, policy.retention(), shard_bytes=policy.shard_mb * 2**20)
+    store = CheckpointStore(run_storage, policy.retention(), shard_bytes=policy.shard_mb * 2**20,
+                            check_state=run_state.check)
     strategy = strategy or make_strategy(devices, workers)
     if workers is None and on_several_workers(strategy):  # a MultiWorkerMirroredStrategy the caller made
         resolver = strategy.cluster_resolver
@@ -169,9 +183,18 @@ def train(
             f"worker {group.index} lost the rest of its group ({type(e).__name__}: {peer_lost_reason(e)}); "
             "start every worker again: the run resumes from its last commit"
         ) from e
+    except Exception as e:  # a full or read-only disk, wherever it was written (a callback's file, a checkpoint)
+        translated = None if isinstance(e, ClusterTrainerError) else disk_error(e)
+        if translated is None:
+            raise
+        raise translated from e
     finally:
         run.preemption.stop()
         run.writer.close()
+        run.files.close()  # the scratch copy of files/ on object stores: mirrored with every commit
+        for source in (getattr(run, "train_source", None), getattr(run, "val_source", None)):
+            if source is not None:
+                source.stop()  # a PyDataset's workers, when the run ended mid-pass
 
 
 def _agreed_resume(group: Group, store: CheckpointStore) -> Checkpoint | None:
@@ -206,7 +229,9 @@ def build_compiled_model(job: Job, strategy: tf.distribute.Strategy, train_sourc
                 "compile(steps_per_execution>1) is not supported: callbacks and checkpoints run between single "
                 "steps here; compile with steps_per_execution=1"
             )
+        keras_compat.distribute_gradient_accumulation(model.optimizer)  # before the step is traced
         first = next(iter(train_source.epoch_dataset(0, job.seed, job.batch_size)))
+        train_source.stop()
         keras_compat.symbolic_build(model, first)
     return model
 
@@ -226,11 +251,19 @@ class _Run:
         self.position = Position()
         self._last_logs = None  # the last train step's logs, as tensors
         self.copy_seconds: list[float] = []  # per save: the training thread's part of it
-        self.writer = CheckpointWriter(store, max_in_flight=job.checkpoint.max_in_flight)
+        # When to commit, from what saves, commits and steps take here; and whether a flush fits the notice windows.
+        self.cadence = Cadence(job.checkpoint, windows=notice_windows(preemption.grace_seconds, preemption.sources),
+                               echo=echo)
+        preemption.flush_estimate = self.cadence.flush_seconds
+        self.writer = CheckpointWriter(store, max_in_flight=job.checkpoint.max_in_flight,
+                                       on_committed=self.cadence.committed)
         self.writer.last_committed = resume.name if resume else None
         self.files = RunFiles(store.storage, private=not group.is_chief)  # another worker's files are not the run's
         self.sequence = 0  # the chief's commits: numbered once registered
-        self.run_id = resume.state.get("run_id") if resume else uuid.uuid4().hex  # one id for all attempts
+        # One id for all attempts: the resumed checkpoint's, or the one the run's first attempt recorded.
+        self.run_id = (resume.state.get("run_id") if resume else None) or store.run_id() or uuid.uuid4().hex
+        self._wants_commit = False  # on several workers: this worker's commit request, carried by the next step
+        self._early_warnings: list = []  # on several workers: early warnings waiting for the commit they asked for
         self.preemption = preemption
 
     # -- set-up ------------------------------------------------------------
@@ -241,16 +274,27 @@ class _Run:
             enable_determinism(job.seed)
         else:
             keras.utils.set_random_seed(job.seed)
-        self.train_source = as_source(job.train_data, shuffle=True, what="train_data")
+        self.train_source = as_source(job.train_data, shuffle=job.shuffle, what="train_data", class_weight=job.class_weight)
         self.val_source = as_source(job.validation_data, shuffle=False, what="validation_data")
-        self.steps_per_epoch = self.train_source.num_batches(job.batch_size)
-        self.validation_steps = self.val_source.num_batches(job.batch_size) if self.val_source is not None else None
+        self.train_batches = self.train_source.num_batches(job.batch_size)  # in one pass; None: unknown or infinite
+        if self.train_source.infinite and job.steps_per_epoch is None:
+            raise JobError("Job.train_data is infinite (it repeats): set Job.steps_per_epoch to say where an epoch "
+                           "ends, as fit needs")
+        self.steps_per_epoch = job.steps_per_epoch or self.train_batches
+        self.validation_batch_size = job.validation_batch_size or job.batch_size
+        self.validation_steps = None
+        if self.val_source is not None:
+            known = [n for n in (self.val_source.num_batches(self.validation_batch_size), job.validation_steps) if n]
+            if self.val_source.infinite and job.validation_steps is None:
+                raise JobError("Job.validation_data is infinite (it repeats): set Job.validation_steps, as fit needs")
+            self.validation_steps = min(known) if known else None
         self.model = build_compiled_model(job, self.strategy, self.train_source)
         with self.strategy.scope():
             self.model.make_train_function()
             if self.val_source is not None:
                 self.model.make_test_function()
         prepare_capture(self.model)
+        self.files.check()  # before any callback opens a file there
         if self.resume is not None:
             self.files.restore()
         self.run_context = RunContext(uri=self.uri, files_dir=self.files.local_dir)
@@ -272,7 +316,13 @@ class _Run:
 
     def _restore(self, checkpoint: Checkpoint) -> None:
         state = checkpoint.state
-        restore_model_state(self.model, checkpoint.tensors, state["variables"])
+        fell_back = restore_model_state(self.model, checkpoint.tensors, state["variables"])
+        if fell_back:
+            self.echo(f"warning: the checkpoint was written on {state.get('replicas')} replicas and this run has "
+                      f"{self.strategy.num_replicas_in_sync}; each replica's own value of {len(fell_back)} variable(s) "
+                      f"({', '.join(fell_back[:3])}{', ...' if len(fell_back) > 3 else ''}) was replaced by the metric's "
+                      "total or the first replica's copy: the run goes on, but is not bitwise equal to one that "
+                      "kept its replica count")
         self.position = Position(**state["position"])
         callback_state.restore(self.stateful_callbacks, state["callbacks"], checkpoint.tensors,
                                mid_epoch=self.position.batch > 0)
@@ -281,19 +331,22 @@ class _Run:
 
     # -- checkpoints ---------------------------------------------------------
 
-    def _commit(self, epoch_logs: dict | None = None, publish: bool = False, final_flush: bool = False) -> None:
+    def _commit(self, epoch_logs: dict | None = None, publish: bool = False, final_flush: bool = False,
+                early: bool = False) -> None:
         """Copy the state to host memory and queue its commit; the upload runs in the background.
 
         A `final_flush` (preemption: training stops here) takes the variables without a copy of
-        their own and leaves pruning old checkpoints to the next attempt.
+        their own and leaves pruning old checkpoints to the next attempt. `early`: a save on an
+        early warning.
 
         Every worker calls it at the same step: the chief's capture gathers every
-        worker's per-replica metric parts. The others store nothing, and neither does a
-        superseded chief of several workers (the next agreement stops them all).
+        worker's per-replica metric parts and layer state. The others store nothing, and
+        neither does a superseded chief of several workers (the next agreement stops them all).
         """
         if not self.group.is_chief or (self.group.multi_worker and self.writer.superseded is not None):
             take_part_in_capture(self.model)
             return
+        save_started = time.perf_counter()  # what the save costs the training thread, for the cadence
         keras_compat.flush_async_callbacks(self.callbacks)  # their state is read below
         copy_started = time.perf_counter()
         self.position.stop_training = bool(self.model.stop_training)
@@ -319,9 +372,11 @@ class _Run:
                 "seed": self.job.seed,
                 "steps_per_epoch": self.steps_per_epoch,
                 "checkpoint_every_steps": self.job.checkpoint.every_steps,
+                "fit_arguments": _fit_arguments(self.job),
             },
             "host": socket.gethostname(),
             "history": self.recorder.state(),
+            "cadence": self.cadence.state(flush=final_flush),
         }
         published = self.recorder.deferred_tables() if publish or self.recorder.changed else None
         if self.writer.last_error is not None:
@@ -343,6 +398,8 @@ class _Run:
             published=published,
             prune=not final_flush,
         )
+        self.cadence.saved(self.position.global_step, time.perf_counter() - save_started,
+                           overhead=not (final_flush or self.position.finished), early=early)
 
     # -- the loop --------------------------------------------------------------
 
@@ -352,8 +409,6 @@ class _Run:
         if self.resume is not None:
             # Every check before the first write: a mismatch changes nothing stored.
             self._check_config(self.resume)
-            check_model_fits(self.model, self.resume.state["variables"])
-            callback_state.check_matches(self.stateful_callbacks, self.resume.state["callbacks"])
             position = Position(**self.resume.state["position"])
             if self._complete(position):
                 # Before on_train_begin: a no-op rerun opens no files and starts no callbacks.
@@ -362,12 +417,19 @@ class _Run:
                 history = next((s for k, s in self.resume.state["callbacks"].items() if k.endswith("-History")), {})
                 return RunResult(self.uri, "already_complete", self.resume.attempt, position,
                                  history.get("history", {}), self.resume.name)
+        if self.preemption.notice is not None and not self.group.multi_worker:  # during start-up: nothing to commit
+            raise started_too_late(self.preemption.notice.source)  # (on several workers the first step carries it)
         # Registered before anything is written: from now on an older process of this run cannot commit.
         self.attempt = int(self.group.from_chief(self._register_attempt, 1)[0])
         self.recorder = HistoryRecorder(self.attempt, every_steps=self.job.history_every_steps)
         if self.resume is not None:
             callback_state.prepare_resume(self.stateful_callbacks, self.resume.state["callbacks"], self.callbacks_built_at)
         self.model.stop_training = False
+        # fit reads the first batch (to build the model) and resets its data before on_train_begin.
+        self.train_source.on_epoch_begin()
+        self.train_source.on_epoch_end()
+        if self.resume is not None:
+            self._replay_data_hooks(self.resume.state["position"]["epoch"])
         self.callbacks.on_train_begin()
         if self.resume is not None:
             self._restore(self.resume)
@@ -390,6 +452,13 @@ class _Run:
             self.echo(f"starting run {self.job.name!r} at {self.uri} (attempt {self.attempt}, "
                       f"{self.strategy.num_replicas_in_sync} replica(s)"
                       + (f": {self.group.describe()})" if self.group.multi_worker else ")"))
+        for source in (self.train_source, self.val_source):
+            if source is not None and source.describe():
+                self.echo(source.describe())
+        self.cadence.begin(self.attempt, self.position.global_step,
+                           stored=self.resume.state.get("cadence") if self.resume else None,
+                           resumed_attempt=self.resume.attempt if self.resume else None,
+                           resumed_finished=self.position.finished)
         self.position.finished = False
 
         training_logs = None
@@ -404,20 +473,27 @@ class _Run:
                 self.model.reset_metrics()
                 self.recorder.begin_epoch(epoch)
                 self.callbacks.on_epoch_begin(epoch)
-            logs = self._train_epoch(epoch)
+            self.train_source.on_epoch_begin()  # a new object in a resumed process: called there too
+            logs, ran_out = self._train_epoch(epoch)
+            if not self.model.stop_training:
+                self.train_source.on_epoch_end()  # fit's data ends its epoch unless a callback stopped training
+            data_pass, offset = self._next_start(epoch, ran_out)
             epoch_logs = dict(keras_compat.metrics_result_or_logs(self.model, logs or {}))
-            if self.val_source is not None:
+            if self.val_source is not None and self.job.validates_after(epoch):
                 epoch_logs.update({f"val_{k}": v for k, v in self._evaluate().items()})
             self.callbacks.on_epoch_end(epoch, epoch_logs)
             training_logs = epoch_logs
             self.recorder.end_epoch(epoch, self.position.global_step, _pythonify(epoch_logs), self._learning_rate())
-            self.position = dataclasses.replace(self.position, epoch=epoch + 1, batch=0, train_logs=None)
+            self.position = dataclasses.replace(self.position, epoch=epoch + 1, batch=0, train_logs=None,
+                                                data_pass=data_pass, data_offset=offset)
             self._last_logs = None
-            agreement = self._agreement()
-            if agreement.stop:
-                self._flush_and_stop(agreement, epoch_logs)
-            if self.job.checkpoint.every_epoch or agreement.commit:
-                self._commit(epoch_logs)
+            if self.group.multi_worker:
+                self._end_epoch_together(epoch_logs)
+            else:
+                if self.preemption.notice is not None:
+                    self._flush_and_stop(epoch_logs=epoch_logs)
+                if self.job.checkpoint.every_epoch:
+                    self._commit(epoch_logs)
             if self.model.stop_training:
                 break
 
@@ -430,48 +506,115 @@ class _Run:
             self.echo(f"training waited {self.writer.stall_seconds:.1f}s in total for checkpoint uploads")
         return self._result("completed")
 
-    def _train_epoch(self, epoch: int):
-        """Train from `position.batch` to the end of `epoch`; returns the last step's logs."""
+    def _train_epoch(self, epoch: int) -> tuple[dict | None, bool]:
+        """Train from `position.batch` to the end of `epoch`.
+
+        Returns the last step's logs and whether the data ran out (its pass ended before the epoch's steps).
+        """
         job = self.job
         start = self.position.batch
         logs = self.position.train_logs
         if self.model.stop_training and start > 0:
-            return logs  # the run was stopped right after batch `start - 1`; fit would not train on
-        dataset = self.train_source.epoch_dataset(epoch, job.seed, job.batch_size, start_batch=start)
-        steps = self.steps_per_epoch - start if self.steps_per_epoch is not None else None
-        iterator = iter(self._distribute(dataset, steps))
+            return logs, False  # the run was stopped right after batch `start - 1`; fit would not train on
+        data_pass, offset = self._epoch_start(epoch)
+        steps = self._steps_in_epoch(offset)
+        dataset = self.train_source.epoch_dataset(data_pass, job.seed, job.batch_size, start_batch=offset + start)
+        exact = self.train_batches is not None or self.train_source.infinite  # the pass cannot end before `steps`
+        iterator = iter(self._distribute(dataset, steps is not None and exact))
         batch = start
-        while self.steps_per_epoch is None or batch < self.steps_per_epoch:
+        while steps is None or batch < steps:
+            step_started, uploading = time.perf_counter(), self.writer.in_flight() > 0
             self.callbacks.on_train_batch_begin(batch)
-            self.group.cast(self._vote())  # on several workers, the step carries every worker's vote
-            logs = _run_step(self.model.train_function, iterator)
-            if logs is None:
-                break  # an epoch of unknown length ended (fit's first epoch, too, begins this batch first)
-            votes = self.group.take_votes(logs)  # before the callbacks see the logs
+            if self.group.multi_worker:
+                # Steps to the epoch-end commit after this step's: as the single-worker cadence counts them.
+                self._wants_commit = self._commit_requested(steps - batch - 1 if job.checkpoint.every_epoch and steps
+                                                            else None)
+                self.group.cast(self._vote())  # the step carries every worker's vote
+            step_logs = _run_step(self.model.train_function, iterator)
+            if step_logs is None:
+                # The data ended (fit's first epoch, too, begins this batch first). The epoch's logs stay the
+                # last step's, as in fit.
+                self.train_source.stop()
+                return logs, True
+            votes = self.group.take_votes(step_logs)  # before the callbacks see the logs
+            logs = step_logs
             self.callbacks.on_train_batch_end(batch, logs)
+            self.cadence.step_done(time.perf_counter() - step_started, busy=uploading)
             batch += 1
             self._last_logs = logs
             self.position = dataclasses.replace(self.position, batch=batch, global_step=self.position.global_step + 1)
             if self.recorder.step_due(self.position.global_step):
                 self.recorder.add_step(epoch, batch - 1, self.position.global_step, _pythonify(logs), self._learning_rate())
-            agreement = self._agreement(votes)
-            if agreement.stop:
-                self._flush_and_stop(agreement)
-            if job.checkpoint.due_at_step(self.position.global_step) or agreement.commit:
-                self._commit()
+            if self.group.multi_worker:
+                self._after_group_step(votes)
+            else:
+                if self.preemption.notice is not None:
+                    self._flush_and_stop()
+                warnings = self.preemption.take_warnings()
+                if warnings:
+                    self._save_early(warnings)
+                # Steps to the epoch-end commit: an "auto" save that would still be uploading then is left to it.
+                epoch_commit_in = steps - batch if job.checkpoint.every_epoch and steps else None
+                if self.cadence.due(self.position.global_step, self.writer.in_flight(), epoch_commit_in):
+                    self._commit()
             if self.model.stop_training:
                 break
-        return logs
+        self.train_source.stop()
+        return logs, False
+
+    def _epoch_start(self, epoch: int) -> tuple[int, int]:
+        """The pass and the batch of it where `epoch` began."""
+        p = self.position
+        return (epoch if p.data_pass is None else p.data_pass), p.data_offset
+
+    def _steps_in_epoch(self, offset: int) -> int | None:
+        """Steps in an epoch that begins at batch `offset` of its pass; None: until the data ends.
+
+        As fit counts them: `steps_per_epoch`, but no more than the pass has left.
+        """
+        if self.job.steps_per_epoch is None:
+            return self.train_batches
+        if self.train_batches is None:
+            return self.job.steps_per_epoch
+        return min(self.job.steps_per_epoch, self.train_batches - offset)
+
+    def _next_start(self, epoch: int, ran_out: bool) -> tuple[int, int]:
+        """Where the epoch after `epoch` begins: where this one stopped, or a new pass if this one finished
+        its pass. This is fit's iterator carried over between epochs (with steps_per_epoch), and a new one
+        once the data is used up; an infinite dataset's epochs are consecutive windows of its one pass."""
+        data_pass, offset = self._epoch_start(epoch)
+        end = offset + self.position.batch
+        if ran_out or (self.train_batches is not None and end >= self.train_batches):
+            return data_pass + 1, 0
+        return data_pass, end
+
+    def _replay_data_hooks(self, epochs_done: int) -> None:
+        """Call the PyDataset hooks of the epochs already trained, as fit called them, on the new objects.
+
+        A PyDataset that reorders itself in `on_epoch_end` from a generator it seeds itself is then where it
+        was when the checkpoint was written (the hooks are no-ops for other data).
+        """
+        for epoch in range(epochs_done):
+            self.train_source.on_epoch_begin()
+            self.train_source.on_epoch_end()
+            if self.val_source is not None and self.job.validates_after(epoch):
+                for _ in range(2):  # evaluate's setup read, then its pass
+                    self.val_source.on_epoch_begin()
+                    self.val_source.on_epoch_end()
 
     def _evaluate(self) -> dict:
         """Validation as `Model.evaluate` runs it inside `fit`, through the same callbacks."""
-        job = self.job
         self.model.stop_evaluating = False
+        # evaluate reads a first batch (to build the model) and resets its data, before on_test_begin
+        self.val_source.on_epoch_begin()
+        self.val_source.on_epoch_end()
         self.callbacks.on_test_begin()
         logs = {}
         self.model.reset_metrics()
-        dataset = self.val_source.epoch_dataset(0, job.seed, job.batch_size)
-        iterator = iter(self._distribute(dataset, self.validation_steps))
+        dataset = self.val_source.epoch_dataset(0, self.job.seed, self.validation_batch_size)
+        exact = self.val_source.num_batches(self.validation_batch_size) is not None or self.val_source.infinite
+        iterator = iter(self._distribute(dataset, self.validation_steps is not None and exact))
+        self.val_source.on_epoch_begin()
         batch = 0
         while self.validation_steps is None or batch < self.validation_steps:
             self.callbacks.on_test_batch_begin(batch)
@@ -484,11 +627,14 @@ class _Run:
             batch += 1
             if self.model.stop_evaluating:
                 break
+        self.val_source.stop()
+        if not self.model.stop_evaluating:
+            self.val_source.on_epoch_end()
         logs = _pythonify(keras_compat.metrics_result_or_logs(self.model, logs))
         self.callbacks.on_test_end(logs)
         return logs
 
-    def _flush_and_stop(self, agreement: Agreement, epoch_logs: dict | None = None) -> None:
+    def _flush_and_stop(self, agreement: Agreement | None = None, epoch_logs: dict | None = None) -> None:
         """On a preemption notice: commit at this batch boundary, wait for the upload, stop.
 
         Called between steps, so the resumed run re-runs no step. A notice that
@@ -501,6 +647,9 @@ class _Run:
         step_wait = time.monotonic() - notice.received_at
         self.echo(f"preemption notice ({notice.source}): committing at epoch {p.epoch + 1}, batch {p.batch} "
                   f"(global step {p.global_step}); {notice.seconds_left():.1f}s to the deadline")
+        late = late_notice_warning(notice.seconds_left(), self.cadence.flush_seconds(), self.writer.last_committed)
+        if late:
+            self.echo(late)
         self._commit(epoch_logs, publish=True, final_flush=True)
         self._wait_for_commits()
         took = time.monotonic() - notice.received_at
@@ -518,7 +667,7 @@ class _Run:
             "Run the same command again to resume"
         )
 
-    def _group_notice(self, agreement: Agreement) -> Notice:
+    def _group_notice(self, agreement: Agreement | None) -> Notice:
         """The notice that stops the run, as this worker knows it: its own, else another worker's
         (its deadline is the least time left among the workers that have one)."""
         own = self.preemption.notice
@@ -534,7 +683,7 @@ class _Run:
     def _vote(self) -> Vote:
         notice = self.preemption.notice
         return Vote(notice_seconds_left=notice.seconds_left() if notice is not None else None,
-                    superseded=self.writer.superseded is not None, commit=self._commit_requested())
+                    superseded=self.writer.superseded is not None, commit=self._wants_commit)
 
     def _agreement(self, votes=None) -> Agreement:
         """What every worker does now: after a step (on several workers, with the `votes` that step
@@ -545,15 +694,47 @@ class _Run:
                 "the chief (worker 0) was superseded by a later attempt of the run; this group stopped without writing")
         return agreement
 
-    def _commit_requested(self) -> bool:
-        """A commit this worker asks for now, besides the deterministic `every_steps` and epoch ends.
+    def _commit_requested(self, epoch_commit_in: int | None, cadence: bool = True) -> bool:
+        """(Several workers) A commit this worker asks for now, besides the deterministic `every_steps`
+        and epoch ends: an early warning it received, or, on the chief, `every_steps="auto"` coming due.
 
-        None today. A decision that depends on this worker's own measurements (a cadence the
-        chief times, a soft notice on one node) goes here: asked before every step and at every
-        epoch end, it travels with that step's votes, and every worker commits after that step
-        (with one worker: after the step that just ended).
+        Asked before every step (and at every epoch end, without the cadence), it travels with that
+        step's votes, and every worker commits after that step: what one worker measures or learns
+        alone is decided once, for all. `epoch_commit_in`: as for `Cadence.due`.
         """
-        return False
+        self._early_warnings += self.preemption.take_warnings()
+        wanted = bool(self._early_warnings)
+        if cadence and self.group.is_chief and self.cadence.auto:
+            # Asked one step early: the commit comes after the step that carries the vote.
+            wanted = self.cadence.due(self.position.global_step, self.writer.in_flight(), epoch_commit_in) or wanted
+        return wanted
+
+    def _after_group_step(self, votes) -> None:
+        """(Several workers) After a step: stop together on a notice anywhere, commit together on a
+        request anywhere or at a fixed `every_steps`."""
+        agreement = self._agreement(votes)
+        if agreement.stop:
+            self._flush_and_stop(agreement)
+        fixed = not self.cadence.auto and self.cadence.due(self.position.global_step)
+        if agreement.commit or fixed:
+            self._commit(early=self._announce_early_save())
+
+    def _end_epoch_together(self, epoch_logs: dict) -> None:
+        """(Several workers) At an epoch end: stop together on a notice anywhere (one during validation),
+        commit together at `every_epoch` or on a request anywhere."""
+        self._wants_commit = self._commit_requested(None, cadence=False)
+        agreement = self._agreement()
+        if agreement.stop:
+            self._flush_and_stop(agreement, epoch_logs)
+        if self.job.checkpoint.every_epoch or agreement.commit:
+            self._commit(epoch_logs, early=self._announce_early_save())
+
+    def _announce_early_save(self) -> bool:
+        """Say which early warnings this worker's commit answers, if any; whether there were some."""
+        warnings, self._early_warnings = self._early_warnings, []
+        if warnings:
+            self.echo(self._early_save_message(warnings))
+        return bool(warnings)
 
     def _wait_for_commits(self) -> None:
         """The chief waits for its commits to finish; every worker learns the last one's name, or
@@ -569,7 +750,8 @@ class _Run:
 
     def _register_attempt(self) -> tuple[int]:
         """(The chief) Register this attempt of the run; its commits are numbered past anything written."""
-        attempt = register_attempt(self.store.storage, resumed_from_sequence=self.resume.sequence if self.resume else 0)
+        attempt = register_attempt(self.store.storage, resumed_from_sequence=self.resume.sequence if self.resume else 0,
+                                   run_id=self.run_id)
         self.sequence = self.store.highest_sequence()
         return (attempt,)
 
@@ -590,33 +772,70 @@ class _Run:
                 f"(every replica's loss weighs the same in a step): use workers x devices among {divisors}"
             )
 
-    def _distribute(self, dataset: tf.data.Dataset, steps: int | None):
-        """The strategy's input from a dataset of global batches (`steps` of them, if known).
+    def _distribute(self, dataset: tf.data.Dataset, exact_steps: bool):
+        """The strategy's input from a dataset of global batches.
 
         On several workers each worker feeds its replicas their part of every global batch
-        (`replica_batches`); with the number of steps known, the input never runs dry, so
-        the step does not ask every worker whether it still has data.
+        (`replica_batches`); when the loop knows how many steps it takes (`exact_steps`: the
+        data cannot end first), the input never runs dry, so the step does not ask every
+        worker whether it still has data. Otherwise the strategy's own check makes every
+        worker see the data end at the same step.
         """
         if not self.group.multi_worker:
             return self.strategy.experimental_distribute_dataset(dataset)
         parts = replica_batches(dataset, self.strategy.num_replicas_in_sync, self.group.local_replica_ids)
-        if steps is not None:
+        if exact_steps:
             parts = parts.repeat()
         return self.strategy.distribute_datasets_from_function(lambda context: parts)
+
+    def _save_early(self, warnings) -> None:
+        """On early warnings (not yet notices): commit here, once for all of them, and train on.
+
+        If the notice never comes nothing was lost; if it comes, or the machine
+        goes without one, the work since this commit is all there is to redo.
+        """
+        self.echo(self._early_save_message(warnings))
+        self._commit(early=True)
+
+    def _early_save_message(self, warnings) -> str:
+        p = self.position
+        said = "; ".join(f"{w.source}: {w.reason}" for w in warnings)
+        return (f"early warning ({said}): saving at epoch {p.epoch + 1}, batch {p.batch} "
+                f"(global step {p.global_step}) and training on")
 
     def _learning_rate(self) -> float:
         return float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
 
     def _check_config(self, checkpoint: Checkpoint) -> None:
+        """Refuse what cannot resume (batches, model, callbacks); then warn of a changed config, which may be
+        deliberate. A refusal names a config change that explains it, and no warning comes before it."""
         stored = checkpoint.state["job"]
-        if stored["batch_size"] != self.job.batch_size or stored["seed"] != self.job.seed:
+        stored_fit = stored.get("fit_arguments") or _fit_arguments(None)  # older checkpoints: fit's defaults
+        current_fit = _fit_arguments(self.job)
+        # What decides which batch comes next; a change would feed different batches.
+        order = ("batch_size", "seed", "steps_per_epoch", "shuffle")
+        was = {**{k: stored[k] for k in ("batch_size", "seed")}, **stored_fit}
+        now = {**{k: getattr(self.job, k) for k in ("batch_size", "seed")}, **current_fit}
+        changed = [k for k in order if was[k] != now[k]]
+        if changed:
             raise CheckpointError(
-                f"the run at {self.uri} was started with batch_size={stored['batch_size']}, seed={stored['seed']}; "
-                f"the job now has batch_size={self.job.batch_size}, seed={self.job.seed}. "
+                f"the run at {self.uri} was started with {', '.join(f'{k}={was[k]!r}' for k in changed)}; "
+                f"the job now has {', '.join(f'{k}={now[k]!r}' for k in changed)}. "
                 "Resuming would feed different batches: restore them, or use another --storage URI"
             )
-        if stored["config"] != self.job.config:
-            changed = sorted(k for k in set(stored["config"]) | set(self.job.config) if stored["config"].get(k) != self.job.config.get(k))
+        changed = sorted(k for k in set(stored["config"]) | set(self.job.config) if stored["config"].get(k) != self.job.config.get(k))
+        try:
+            check_model_fits(self.model, checkpoint.state["variables"])
+            callback_state.check_matches(self.stateful_callbacks, checkpoint.state["callbacks"])
+        except StateMismatchError as e:
+            if not changed:
+                raise
+            was = ", ".join(f"{k}={stored['config'].get(k)!r} (now {self.job.config.get(k)!r})" for k in changed)
+            raise StateMismatchError(f"config differs from the run's checkpoint in {was}, and {e}") from None
+        changed_fit = sorted(k for k in current_fit if k not in order and stored_fit[k] != current_fit[k])
+        if changed_fit:
+            self.echo(f"warning: {', '.join(changed_fit)} differ(s) from the run's checkpoint; continuing with the new values")
+        if changed:
             self.echo(f"warning: config differs from the run's checkpoint in {changed}; continuing with the new values")
 
     def _result(self, status: str) -> RunResult:
@@ -630,7 +849,10 @@ class _Run:
             checkpoint=self.writer.last_committed,
             checkpoint_stats={"saves": len(self.copy_seconds), "host_copy_seconds": sum(self.copy_seconds),
                               "host_copy_median_seconds": statistics.median(self.copy_seconds or [0.0]),
-                              "stall_seconds": self.writer.stall_seconds},
+                              "stall_seconds": self.writer.stall_seconds,
+                              "overhead": self.cadence.overhead(), "interval": self.cadence.interval.steps,
+                              "step_seconds": self.cadence.measurements().step_seconds,
+                              "early_saves": self.cadence.early_saves},
         )
 
 
@@ -647,6 +869,17 @@ def _run_step(function: Callable, iterator) -> dict | None:
         return function(iterator)
     except (StopIteration, tf.errors.OutOfRangeError):
         return None
+
+
+def _fit_arguments(job: Job | None) -> dict:
+    """The job's `fit` arguments (their defaults for None) as JSON keeps them (class weights as [class, weight] pairs)."""
+    values = {name: getattr(job, name) if job else Job.__dataclass_fields__[name].default
+              for name in run_state.FIT_ARGUMENTS}
+    if values["class_weight"]:
+        values["class_weight"] = sorted([k, v] for k, v in values["class_weight"].items())
+    if isinstance(values["validation_freq"], tuple):
+        values["validation_freq"] = list(values["validation_freq"])
+    return values
 
 
 def _pythonify(logs: Any) -> dict | None:

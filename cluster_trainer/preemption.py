@@ -20,6 +20,13 @@ Where notices come from:
   drain state (`cluster_trainer.on_ray.notices`, so that nothing here imports Ray).
   A daemon thread polls them every `poll_seconds`.
 
+Some sources also give early warnings, which are not yet notices: an EC2
+rebalance recommendation (the instance is at elevated risk of interruption),
+a GCE live migration about to start, a Ray drain whose deadline is still far
+away. A source reports them from `poll_warning()`; the loop then commits once,
+at once, and trains on. If the notice never comes, nothing was lost; if it
+comes, the work since that commit is all a kill without notice could cost.
+
 When a source does not say how long is left (a signal, GCE's `preempted`
 flag), the grace period applies: `CLUSTER_TRAINER_GRACE_SECONDS`, 30 s by
 default (Kubernetes' default terminationGracePeriodSeconds); set it to match
@@ -28,6 +35,7 @@ the platform (GKE spot pods ~15 s, AWS spot 120 s).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -38,7 +46,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 from cluster_trainer.errors import EXIT_PREEMPTED, ClusterTrainerError, ConfigError
 
@@ -64,8 +72,28 @@ class Notice:
         return self.deadline - time.monotonic()
 
 
+@dataclasses.dataclass(frozen=True)
+class EarlyWarning:
+    """A warning that is not yet a notice (`NoticeSource.poll_warning`): save now, train on."""
+
+    source: str
+    reason: str
+    received_at: float  # time.monotonic()
+
+
 class NoticeSource(Protocol):
-    """Something to ask "is this machine going away?"; polled from a background thread."""
+    """Something to ask "is this machine going away?"; polled from a background thread.
+
+    Optional, where a source has them:
+
+    - `poll_warning()`: an early warning that is not yet a notice, as a short
+      description (the same text for as long as the warning stands), or None.
+      Each new warning makes the loop commit once and train on.
+    - `window_seconds`, `window_name`, `window_fix`: the time its platform gives
+      from notice to stop, and what lengthens it, for `cluster_trainer.deadlines`.
+    - `flush_seconds`: the watcher keeps it set to what a flush takes now (None
+      until a commit was measured), for a source that times its notice by it.
+    """
 
     name: str
 
@@ -76,8 +104,15 @@ class NoticeSource(Protocol):
 class PreemptionWatcher:
     """Collects notices from signals and polled sources; `notice` is None until one arrives.
 
+    Early warnings (`poll_warning()` of a source) queue up until the loop takes
+    them (`take_warnings()`); a warning that stands is reported once.
+
     Example:
         >>> watcher = PreemptionWatcher(grace_seconds=15)
+        >>> watcher.warn("EC2", "rebalance recommendation")
+        >>> watcher.warn("EC2", "rebalance recommendation")   # the same warning, still standing
+        >>> [w.reason for w in watcher.take_warnings()], watcher.take_warnings()
+        (['rebalance recommendation'], [])
         >>> watcher.notify("test")
         >>> watcher.notice.source, round(watcher.notice.seconds_left())
         ('test', 15)
@@ -100,14 +135,19 @@ class PreemptionWatcher:
         self._handled_signal = False
         # Re-entrant: a signal handler may run in the main thread while it is inside `notify`.
         self._notice_lock = threading.RLock()
+        self._warnings: list[EarlyWarning] = []  # not yet taken by the loop
+        self._standing: dict[str, str] = {}  # source name -> the warning it reports now
+        # What a flush takes now, for sources that time their notice by it (`Cadence.flush_seconds`).
+        self.flush_estimate: Callable[[], float | None] = lambda: None
 
-    def notify(self, source: str, deadline_in: float | None = None) -> None:
+    def notify(self, source: str, deadline_in: float | None = None, received_at: float | None = None) -> None:
         """Record a notice (the first one wins; a later notice does not move the deadline).
 
         `deadline_in` is capped at the grace period: a source that does not know
         the deadline, or reports a far one, still gets the state committed soon.
+        `received_at` (`time.monotonic()`) is when it came, if not now.
         """
-        now = time.monotonic()
+        now = time.monotonic() if received_at is None else received_at
         with self._notice_lock:  # the signal handler and the wakeup thread may record the same signal
             if self.notice is not None:
                 return
@@ -115,6 +155,21 @@ class PreemptionWatcher:
             self.notice = Notice(source, now, now + left)
         for listener in self.listeners:
             listener(self.notice)
+
+    def warn(self, source: str, reason: str | None) -> None:
+        """Record `source`'s early warning (None: it has none now); a warning already standing is not new."""
+        with self._notice_lock:
+            if reason is None:
+                self._standing.pop(source, None)
+            elif self._standing.get(source) != reason:
+                self._standing[source] = reason
+                self._warnings.append(EarlyWarning(source, reason, time.monotonic()))
+
+    def take_warnings(self) -> list[EarlyWarning]:
+        """The early warnings that arrived since the last call (the loop saves once for all of them)."""
+        with self._notice_lock:
+            taken, self._warnings = self._warnings, []
+        return taken
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -135,6 +190,9 @@ class PreemptionWatcher:
         for number, handler in self._previous.items():
             signal.signal(number, handler)
         self._previous.clear()
+        global _handling_signals
+        if _handling_signals is self:
+            _handling_signals = None
         if self._wakeup is not None:
             signal.set_wakeup_fd(-1)
             os.close(self._wakeup[1])  # the reader thread sees end-of-file and ends, closing its end
@@ -143,21 +201,29 @@ class PreemptionWatcher:
     def _poll_forever(self) -> None:
         while self.notice is None and not self._stop.is_set():
             for source in self.sources:
+                if hasattr(source, "flush_seconds"):
+                    source.flush_seconds = self.flush_estimate()
                 try:
                     left = source.poll()
+                    if left is not None:
+                        self.notify(source.name, left)
+                        break
+                    if hasattr(source, "poll_warning"):
+                        self.warn(source.name, source.poll_warning())
                 except Exception as e:  # a metadata hiccup must not stop training
                     log.debug("notice source %s failed: %s", source.name, e)
-                    continue
-                if left is not None:
-                    self.notify(source.name, left)
-                    break
             self._stop.wait(self.poll_seconds)
 
     def _install_signal_handlers(self) -> None:
+        global _handling_signals
         if threading.current_thread() is not threading.main_thread():
             return  # Python only delivers signals to the main thread
         for number in (signal.SIGTERM, signal.SIGINT):
             self._previous[number] = signal.signal(number, self._on_signal)
+        _handling_signals = self
+        if _early_notices:  # a signal while the command started up: the first notice
+            self._handled_signal = True
+            self.notify(*_early_notices[0])
         self._watch_signal_arrivals()
 
     def _watch_signal_arrivals(self) -> None:
@@ -198,6 +264,93 @@ class PreemptionWatcher:
         self.notify(signal.Signals(number).name)
 
 
+# The watcher whose signal handlers are installed in this process, if any.
+_handling_signals: PreemptionWatcher | None = None
+_fork_masks = threading.local()  # the forking thread's signal mask, while it forks
+_NOTICE_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
+def _block_notice_signals_before_fork() -> None:
+    """A process forked while a watcher's handlers are installed (a PyDataset's worker processes) inherits
+    them and the signal wakeup pipe it shares with this process: the SIGTERM that ends such a worker would
+    reach this process's pipe as a preemption notice, and the worker would shrug it off, leaving its pool
+    waiting for it. SIGTERM and SIGINT stay blocked in the forking thread until the child has dropped both."""
+    if _handling_signals is not None:
+        _fork_masks.previous = signal.pthread_sigmask(signal.SIG_BLOCK, _NOTICE_SIGNALS)
+
+
+def _unblock_after_fork_in_parent() -> None:
+    previous = getattr(_fork_masks, "previous", None)
+    if previous is not None:
+        _fork_masks.previous = None
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _forget_signals_after_fork_in_child() -> None:
+    """The child gets Python's own handlers back (SIGTERM ends it, SIGINT raises KeyboardInterrupt), not
+    the watcher's nor the start-up recorder's, and no wakeup pipe; a signal sent to it meanwhile waited,
+    blocked, and now gets them."""
+    previous = getattr(_fork_masks, "previous", None)
+    if _handling_signals is None or previous is None:
+        return
+    try:
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    except ValueError:  # not the child's main thread: Python installed nothing there to undo
+        pass
+    signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+os.register_at_fork(before=_block_notice_signals_before_fork, after_in_parent=_unblock_after_fork_in_parent,
+                    after_in_child=_forget_signals_after_fork_in_child)
+
+
+# -- start-up ----------------------------------------------------------------------
+
+_early_notices: list[tuple[str, float]] = []  # (signal name, time.monotonic()) of a SIGTERM during start-up
+
+
+@contextlib.contextmanager
+def early_signals() -> Iterator[None]:
+    """While a command starts (TensorFlow imports for seconds, the job file loads), SIGTERM is recorded
+    instead of killing the process; a `PreemptionWatcher` started inside takes it as its first notice.
+
+    The run then stops before training, with exit code 75 (`started_too_late`): nothing was
+    committed, and the same command resumes or starts it. Main thread only; elsewhere a no-op.
+
+    Example:
+        >>> with early_signals():
+        ...     early_notice() is None
+        True
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def record(number, frame):
+        if not _early_notices:
+            _early_notices.append((signal.Signals(number).name, time.monotonic()))
+
+    previous = signal.signal(signal.SIGTERM, record)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _early_notices.clear()
+
+
+def early_notice() -> str | None:
+    """The signal `early_signals` recorded (e.g. "SIGTERM"), or None."""
+    return _early_notices[0][0] if _early_notices else None
+
+
+def started_too_late(source: str) -> PreemptedError:
+    """The error of a run noticed before its first step: nothing was written."""
+    return PreemptedError(f"preempted ({source}) before training started; nothing was written. "
+                          "Run the same command again")
+
+
 # -- polled sources --------------------------------------------------------------
 
 
@@ -225,18 +378,28 @@ class FileNotice:
 
 
 class GceMetadataNotice:
-    """GCE: `instance/preempted` turns TRUE ~30 s before a spot VM stops; a maintenance event
-    other than NONE means the host is going away too.
+    """GCE: `instance/preempted` turns TRUE ~30 s before a spot VM stops (a notice);
+    `instance/maintenance-event` announces host maintenance 60 s ahead.
+
+    `TERMINATE_ON_HOST_MAINTENANCE` (the VM will be stopped: spot VMs, VMs with
+    GPUs, or a TERMINATE host-maintenance policy) is a notice;
+    `MIGRATE_ON_HOST_MAINTENANCE` is an early warning: the VM is live-migrated
+    and keeps running, but a migration that fails ends in a stop, so the run
+    saves once and trains on. Any other value but NONE is taken for a notice.
 
     The server is `GCE_METADATA_HOST` (the variable Google's client libraries read), else
     `metadata.google.internal`.
     """
 
     name = "GCE metadata"
+    window_name = "GCE spot preemption"
+    window_seconds = 30.0
+    window_fix = "Compute Engine stops a spot VM 30 s after its notice, and that cannot be raised"
 
     def __init__(self, host: str | None = None, timeout: float = 2.0):
         self.base = f"http://{host or os.environ.get('GCE_METADATA_HOST', 'metadata.google.internal')}"
         self.timeout = timeout
+        self._maintenance = "NONE"
 
     def _get(self, path: str) -> str:
         request = urllib.request.Request(f"{self.base}/computeMetadata/v1/instance/{path}",
@@ -247,8 +410,15 @@ class GceMetadataNotice:
     def poll(self) -> float | None:
         if self._get("preempted").upper() == "TRUE":
             return float("inf")
-        if self._get("maintenance-event").upper() not in ("NONE", ""):
+        self._maintenance = self._get("maintenance-event").upper() or "NONE"
+        if self._maintenance not in ("NONE", "MIGRATE_ON_HOST_MAINTENANCE"):
             return float("inf")
+        return None
+
+    def poll_warning(self) -> str | None:
+        """A live migration about to start (read by the `poll()` just before)."""
+        if self._maintenance == "MIGRATE_ON_HOST_MAINTENANCE":
+            return "maintenance-event MIGRATE_ON_HOST_MAINTENANCE (a live migration within 60 s)"
         return None
 
 
@@ -256,11 +426,19 @@ class AwsSpotNotice:
     """AWS: `spot/instance-action` answers 404 until a spot interruption is scheduled, then
     `{"action": "terminate"|"stop"|"hibernate", "time": "2026-11-24T16:02:00Z"}`, two minutes ahead.
 
+    `events/recommendations/rebalance` answers 404 until EC2 recommends a
+    rebalance (the instance is at elevated risk of interruption; it may come
+    well before the interruption, with it, or for nothing), then
+    `{"noticeTime": "2026-11-24T15:58:00Z"}`: an early warning.
+
     Uses IMDSv2 (a session token first). The endpoint is `AWS_EC2_METADATA_SERVICE_ENDPOINT`
     (botocore's variable), else http://169.254.169.254.
     """
 
     name = "AWS spot instance-action"
+    window_name = "EC2 spot interruption"
+    window_seconds = 120.0
+    window_fix = "EC2 stops a spot instance two minutes after its notice, and that cannot be raised"
 
     def __init__(self, endpoint: str | None = None, timeout: float = 2.0):
         self.base = (endpoint or os.environ.get("AWS_EC2_METADATA_SERVICE_ENDPOINT", "http://169.254.169.254")).rstrip("/")
@@ -277,20 +455,32 @@ class AwsSpotNotice:
             self._token_expires = time.monotonic() + 21600 - 60
         return self._token
 
-    def poll(self) -> float | None:
-        request = urllib.request.Request(f"{self.base}/latest/meta-data/spot/instance-action",
+    def _get_json(self, path: str) -> dict | None:
+        """The JSON document at `path`, or None while it answers 404."""
+        request = urllib.request.Request(f"{self.base}/latest/meta-data/{path}",
                                          headers={"X-aws-ec2-metadata-token": self._session_token()})
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                action = json.loads(response.read().decode())
+                return json.loads(response.read().decode())
         except urllib.error.HTTPError as e:
             if e.code == 404:
                 return None
             if e.code == 401:
                 self._token = None  # expired token: a new one next time
             raise
+
+    def poll(self) -> float | None:
+        action = self._get_json("spot/instance-action")
+        if action is None:
+            return None
         when = datetime.datetime.fromisoformat(action["time"].replace("Z", "+00:00"))
         return when.timestamp() - time.time()
+
+    def poll_warning(self) -> str | None:
+        recommendation = self._get_json("events/recommendations/rebalance")
+        if recommendation is None:
+            return None
+        return f"EC2 rebalance recommendation of {str(recommendation.get('noticeTime', 'unknown time'))[:40]}"
 
 
 def notice_sources(specs: Sequence[str]) -> list[NoticeSource]:

@@ -9,9 +9,16 @@ What is captured, in four groups that together are what
 - metric accumulators, *per replica*: under MirroredStrategy they are
   SyncOnRead variables whose replicas hold partial sums; restoring the sum
   (which `assign` splits evenly) changes the last digit of the reported
-  metric, restoring each replica's part keeps it bitwise equal; on several
-  workers (MultiWorkerMirroredStrategy) every worker's parts are gathered at
-  each capture, so every worker must capture at the same step,
+  metric, restoring each replica's part keeps it bitwise equal,
+- layer state whose replica copies differ, *per replica*: BatchNormalization's
+  moving statistics are mirrored variables that each replica updates from its
+  own part of the batch (in `fit` too), so the copies drift apart; restoring
+  one copy to every replica changes validation after a resume. Non-trainable
+  variables are read on every replica and stored per replica when the copies
+  differ (weights and optimizer slots are updated in step on every replica);
+  on several workers (MultiWorkerMirroredStrategy) every worker's metric parts
+  and layer-state copies are gathered at each capture, so every worker must
+  capture at the same step,
 
 plus the process-global RNGs a callback or layer may draw from (Keras's global
 SeedGenerator, NumPy's and Python's global generators).
@@ -79,10 +86,24 @@ def _describe(model) -> list[dict]:
     return entries
 
 
-def _components(variable) -> list:
-    """The plain variables to read for `variable`: each replica's part of a SyncOnRead variable,
-    the primary replica of a mirrored one, else the variable itself."""
+def _group_of(entry: dict) -> str:
+    return entry["key"].split("/")[1]
+
+
+def _per_replica(variable, group: str) -> list | None:
+    """Each replica's part of a SyncOnRead variable, or each replica's copy of a mirrored
+    non-trainable one (layer state, which may differ between replicas); else None."""
     parts = keras_compat.sync_on_read_parts(variable)
+    if parts is None and group == "non_trainable":
+        parts = keras_compat.mirrored_copies(variable)
+    return parts
+
+
+def _components(variable, group: str) -> list:
+    """The plain variables to read for `variable`: each replica's part of a SyncOnRead variable,
+    each replica's copy of a mirrored non-trainable one (layer state, which may differ between
+    replicas), the primary replica of another mirrored one, else the variable itself."""
+    parts = _per_replica(variable, group)
     if parts is not None:
         return parts
     backing = keras_compat.backing_variable(variable)
@@ -141,16 +162,17 @@ class _GroupReader:
         }
 
 
-def _read_all(model, variables: list) -> list[list]:
+def _read_all(model, entries: list[dict]) -> list[list]:
     """Each variable's component values, as tensors, read in one `tf.function` call.
 
-    On several workers, a per-replica variable's values are every replica's, gathered
-    from all workers (a collective: every worker must read at the same step).
+    On several workers, a per-replica variable's values (metric parts, copies of layer
+    state) are every replica's, gathered from all workers (a collective: every worker
+    must read at the same step).
     """
-    components = [_components(v) for v in variables]
+    components = [_components(e["variable"], _group_of(e)) for e in entries]
     strategy = model.distribute_strategy
     if on_several_workers(strategy):
-        return _read_all_workers(model, strategy, variables, components)
+        return _read_all_workers(model, strategy, entries, components)
     flat = [c for group in components for c in group]
     ids = tuple(id(c) for c in flat)
     cached = _READERS.get(model)
@@ -161,10 +183,10 @@ def _read_all(model, variables: list) -> list[list]:
     return [[next(values) for _ in group] for group in components]
 
 
-def _read_all_workers(model, strategy, variables: list, components: list[list]) -> list[list]:
-    gathered = [keras_compat.sync_on_read_parts(v) is not None for v in variables]
+def _read_all_workers(model, strategy, entries: list[dict], components: list[list]) -> list[list]:
+    gathered = [_per_replica(e["variable"], _group_of(e)) is not None for e in entries]  # metric parts, layer state
     local = [c for group, kept in zip(components, gathered) if not kept for c in group]
-    distributed = [keras_compat.backing_variable(v) for v, kept in zip(variables, gathered) if kept]
+    distributed = [keras_compat.backing_variable(e["variable"]) for e, kept in zip(entries, gathered) if kept]
     ids = tuple(id(c) for c in local + distributed)
     cached = _READERS.get(model)
     if cached is None or cached[0] != ids:
@@ -180,12 +202,12 @@ def take_part_in_capture(model) -> None:
     """What `capture_model_state` does that involves the other workers (gathering each replica's
     metric parts), for a worker that stores nothing itself; at the same step as the capture."""
     if on_several_workers(model.distribute_strategy):
-        _read_all(model, [entry["variable"] for entry in _describe(model)])
+        _read_all(model, _describe(model))
 
 
 def prepare_capture(model) -> None:
     """Compile the read that `capture_model_state` makes, so the first save does not pay for it."""
-    _read_all(model, [entry["variable"] for entry in _describe(model)])
+    _read_all(model, _describe(model))
 
 
 def capture_model_state(model, copy: bool = True) -> tuple[dict[str, np.ndarray], list[dict]]:
@@ -202,12 +224,15 @@ def capture_model_state(model, copy: bool = True) -> tuple[dict[str, np.ndarray]
     each variable (key, path, shape, dtype, replicas) for strict restore.
     """
     entries = _describe(model)
+    read = _read_all(model, entries)
     variables = [entry.pop("variable") for entry in entries]
     as_array = np.array if copy else np.asarray
     tensors: dict[str, np.ndarray] = {}
-    for entry, variable, values in zip(entries, variables, _read_all(model, variables)):
-        if keras_compat.sync_on_read_parts(variable) is not None:
-            tensors[entry["key"]] = np.stack([np.asarray(v) for v in values])  # a new array
+    for entry, variable, values in zip(entries, variables, read):
+        per_replica = [np.asarray(v) for v in values] if len(values) > 1 else None
+        if per_replica is not None and (keras_compat.sync_on_read_parts(variable) is not None
+                                        or any(not np.array_equal(per_replica[0], v) for v in per_replica[1:])):
+            tensors[entry["key"]] = np.stack(per_replica)  # a new array
             entry["replicas"] = len(values)
         else:
             tensors[entry["key"]] = as_array(values[0])
@@ -245,22 +270,30 @@ def check_model_fits(model, index: list[dict]) -> None:
         )
 
 
-def restore_model_state(model, tensors: dict[str, np.ndarray], index: list[dict]) -> None:
+def restore_model_state(model, tensors: dict[str, np.ndarray], index: list[dict]) -> list[str]:
     """Assign stored values to every variable of `model`; strict (see `check_model_fits`).
 
     Checks everything before assigning anything, so a mismatch leaves the
-    model untouched. Per-replica metric parts are restored per replica when the
-    replica count is the same (on several workers, each worker its own replicas'
-    parts), else their aggregate is assigned (split evenly over all replicas).
+    model untouched. Per-replica values (metric parts, differing copies of layer
+    state) are restored per replica when the replica count is the same (on
+    several workers, each worker its own replicas' values); else a metric's
+    aggregate, or the first replica's copy of layer state, is assigned to every
+    replica.
+
+    Returns the paths of the variables restored that way (not bitwise what the
+    run that wrote the checkpoint would have continued with); empty when none.
     """
     check_model_fits(model, index)
     stored_by_key = {e["key"]: e for e in index}
     replica_ids = None  # this worker's replicas among all: asked once, if needed
+    fell_back = []
     for entry in _describe(model):
         variable = entry["variable"]
         value = tensors[entry["key"]]
         replicas = stored_by_key[entry["key"]].get("replicas")
         parts = keras_compat.sync_on_read_parts(variable)
+        if parts is None:
+            parts = keras_compat.mirrored_copies(variable)
         if replicas is None:
             variable.assign(value)
         elif parts is not None and replicas == model.distribute_strategy.num_replicas_in_sync:
@@ -268,10 +301,15 @@ def restore_model_state(model, tensors: dict[str, np.ndarray], index: list[dict]
             for part, replica in zip(parts, replica_ids):
                 part.assign(value[replica])
         else:
-            variable.assign(_aggregate(variable, value))
+            variable.assign(_aggregate(variable, value, layer_state=entry["key"].startswith("model/non_trainable/")))
+            fell_back.append(entry["path"])
+    return fell_back
 
 
-def _aggregate(variable, per_replica: np.ndarray) -> np.ndarray:
+def _aggregate(variable, per_replica: np.ndarray, layer_state: bool) -> np.ndarray:
+    """What a read gives: the first replica's copy of layer state, the sum or mean of a metric's parts."""
+    if layer_state:
+        return per_replica[0]
     aggregation = str(getattr(variable, "aggregation", "sum")).lower()
     if "sum" in aggregation:
         return per_replica.sum(axis=0).astype(per_replica.dtype)

@@ -29,11 +29,16 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import difflib
 import errno
+import importlib
+import inspect
 import logging
 import os
 import posixpath
 import random
+import shutil
+import stat
 import time
 import uuid
 from typing import Callable, Iterable, Sequence, TypeVar, Union
@@ -42,6 +47,7 @@ os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # else gcsf
 
 import fsspec  # noqa: E402
 
+from cluster_trainer import confined  # noqa: E402
 from cluster_trainer.errors import StorageError  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -50,6 +56,13 @@ Data = Union[bytes, Sequence]  # a whole object, or the buffers it is the concat
 
 _TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
 _TRANSIENT_ERRNO = {errno.ECONNRESET, errno.ECONNREFUSED, errno.ETIMEDOUT, errno.EPIPE, errno.EIO, errno.EAGAIN}
+# A write that cannot succeed until someone frees space or makes the storage writable: one line, not a traceback.
+_DISK_ERRNO = {errno.EROFS: "read-only file system", errno.ENOSPC: "no space left on device",
+               errno.EDQUOT: "disk quota exceeded"}
+# Options fsspec itself takes for any filesystem (its instance and listings caches).
+_FSSPEC_OPTIONS = {"skip_instance_cache", "use_listings_cache", "listings_expiry_time", "max_paths"}
+# Where a filesystem hands on the keyword arguments it does not name: s3fs gives them to botocore's session.
+_PASSED_ON = {"s3": ("aiobotocore.session", "AioSession")}
 _TRANSIENT_NAMES = {
     "ServerDisconnectedError", "ClientConnectorError", "ClientOSError", "ClientPayloadError",
     "EndpointConnectionError", "ReadTimeoutError", "ConnectTimeoutError", "ConnectionClosedError",
@@ -95,6 +108,70 @@ def is_transient(error: BaseException) -> bool:
     return cause is not None and cause is not error and is_transient(cause)
 
 
+def disk_error(error: BaseException) -> StorageError | None:
+    """A one-line `StorageError` for a write that failed on a full or read-only disk, else None.
+
+    Looks through the chain of causes: Keras and TensorFlow wrap the `OSError` of a callback's write.
+
+    Example:
+        >>> print(disk_error(OSError(errno.ENOSPC, "No space left on device", "/runs/x/files/best.keras")))
+        cannot write /runs/x/files/best.keras: no space left on device (ENOSPC). Free space on it (or use another --storage URI), then run the same command again
+        >>> disk_error(ValueError("no")) is None
+        True
+    """
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        code = error.errno if isinstance(error, OSError) else None
+        if code not in _DISK_ERRNO:  # h5py and TensorFlow keep only the C library's message
+            code = next((c for c in _DISK_ERRNO if os.strerror(c) in str(error)), None)
+        if code is not None:
+            filename = getattr(error, "filename", None)
+            what = f"cannot write {filename}" if filename else "a write failed"
+            fix = "Make the storage writable" if code == errno.EROFS else "Free space on it"
+            return StorageError(f"{what}: {_DISK_ERRNO[code]} ({errno.errorcode[code]}). {fix} (or use another "
+                                "--storage URI), then run the same command again")
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _check_options(uri: str, options: dict) -> None:
+    """Refuse, in one line and before any request, an option the URI's filesystem does not take.
+
+    s3fs hands unknown options to botocore, which fails only at the first request; gcsfs and the
+    local filesystem ignore them, so a misspelt `endpoint_url` would quietly talk to the real cloud.
+    """
+    if not options:
+        return
+    protocol = fsspec.core.split_protocol(uri)[0] or "file"
+    try:
+        cls = fsspec.get_filesystem_class(protocol)
+    except (ValueError, ImportError):
+        return  # url_to_fs says what is wrong with the URI itself
+    accepted = set(_FSSPEC_OPTIONS)
+    classes = list(cls.__mro__)
+    if protocol in _PASSED_ON:
+        module, name = _PASSED_ON[protocol]
+        try:
+            classes.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            return  # not the library this check was written against: let it judge
+    for klass in classes:
+        init = vars(klass).get("__init__")
+        try:
+            parameters = inspect.signature(init).parameters.values() if init else ()
+        except (TypeError, ValueError):
+            continue
+        accepted |= {p.name for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    accepted.discard("self")
+    for key in options:
+        if key not in accepted:
+            close = difflib.get_close_matches(key, sorted(accepted), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise StorageError(f"unknown storage option {key!r} for {protocol}:// ({cls.__module__}.{cls.__name__}): "
+                               f"{hint}Options are the keyword arguments of that filesystem (see its fsspec docs)")
+
+
 class Storage:
     """The files of one run, addressed relative to its URI.
 
@@ -114,6 +191,7 @@ class Storage:
     def __init__(self, uri: str, storage_options: dict | None = None, retry: RetryPolicy = RetryPolicy()):
         self.uri = uri
         self.retry = retry
+        _check_options(uri, storage_options or {})
         try:
             self.fs, self.root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
         except (ValueError, ImportError) as e:
@@ -155,15 +233,18 @@ class Storage:
             )
         if isinstance(error, FileNotFoundError) and not self.is_local and "bucket" in str(error).lower() + self._bucket_hint(error):
             return StorageError(f"bucket {self.root.split('/')[0]!r} of {self.uri} does not exist: create it or fix the URI")
-        return error
+        return disk_error(error) or error
 
     def _bucket_hint(self, error: Exception) -> str:
         bucket = self.root.split("/")[0]
         return "bucket" if f"/b/{bucket}/" in str(error) or str(error).startswith(f"b/{bucket}/") else ""
 
     def check(self) -> None:
-        """Fail early, with one line, if the bucket is missing or there are no credentials."""
+        """Fail early, with one line, if the bucket is missing, there are no credentials, or a local
+        URI names a file rather than a run's directory."""
         if self.is_local:
+            if os.path.exists(self.root) and not os.path.isdir(self.root):
+                raise StorageError(f"{self.uri} is a file, not a run's directory: pass the --storage URI of a run")
             return
         self._call(f"list {self.uri}", lambda: self.fs.ls(self.root.split("/")[0], detail=False))
 
@@ -176,11 +257,13 @@ class Storage:
         exclusive link, S3 `If-None-Match: *`; a store that ignores
         preconditions, like the GCS emulator, gives no such guarantee).
         """
-        self._write(self.path(relative), data, exclusive=exclusive)
+        self._write(relative, data, exclusive=exclusive)
 
-    def _write(self, target: str, data: Data, *, exclusive: bool = False, sync_directory: bool = True) -> None:
+    def _write(self, relative: str, data: Data, *, exclusive: bool = False, sync_directory: bool = True) -> None:
+        target = self.path(relative)
         if self.is_local:
-            self._call(f"write {target}", lambda: _local_atomic_write(target, data, exclusive, sync_directory))
+            self._call(f"write {target}",
+                       lambda: _local_atomic_write(self.root, relative, data, exclusive, sync_directory))
             return
         whole = data if isinstance(data, bytes) else b"".join(data)
         mode = "create" if exclusive else "overwrite"
@@ -201,24 +284,54 @@ class Storage:
         directories = set()
         try:
             for relative, data in items:
-                target = self.path(relative)
-                directories.add(os.path.dirname(target))
-                futures.append(self._pool.submit(self._write, target, data, sync_directory=False))
+                directories.add(posixpath.dirname(relative))
+                futures.append(self._pool.submit(self._write, relative, data, sync_directory=False))
         finally:
             concurrent.futures.wait(futures)
         for future in futures:
             future.result()
         if self.is_local:
             for directory in directories:
-                _fsync_directory(directory)
+                _fsync_directory(self.root, directory)
 
-    def get(self, relative: str) -> bytes:
+    def get(self, relative: str, limit: int | None = None) -> bytes:
+        """The object's bytes, at most `limit` of them (a ranged read: a larger object is never read whole).
+
+        Locally only a regular file inside the run is read: a symbolic link (to `/dev/zero`, or out of
+        the run) anywhere below the run's directory, a device or a FIFO is `UnsafePathError`.
+        """
         target = self.path(relative)
-        return self._call(f"read {target}", lambda: self.fs.cat_file(target))
+        if self.is_local:
+            return self._call(f"read {target}", lambda: confined.read_file(self.root, relative, limit))
+        if limit is None:
+            return self._call(f"read {target}", lambda: self.fs.cat_file(target))
 
-    def get_many(self, relatives: list[str]) -> dict[str, bytes]:
-        """Read several objects in parallel."""
-        futures = {relative: self._pool.submit(self.get, relative) for relative in relatives}
+        def ranged():
+            try:
+                return self.fs.cat_file(target, start=0, end=limit)
+            except OSError:  # S3 answers 416 to a range of an empty object
+                if self.fs.info(target).get("size") == 0:
+                    return b""
+                raise
+
+        return self._call(f"read {target}", ranged)
+
+    def copy_to(self, relative: str, sink) -> None:
+        """Stream the object into the binary file `sink` (memory stays bounded; retried from the start)."""
+        target = self.path(relative)
+
+        def copy():
+            sink.seek(0)
+            sink.truncate()
+            with self.fs.open(target, "rb") as source:
+                shutil.copyfileobj(source, sink, 8 * 2**20)
+
+        self._call(f"read {target}", copy)
+
+    def get_many(self, relatives: list[str], limits: dict[str, int] | None = None) -> dict[str, bytes]:
+        """Read several objects in parallel (each at most `limits[relative]` bytes, where given)."""
+        limits = limits or {}
+        futures = {relative: self._pool.submit(self.get, relative, limits.get(relative)) for relative in relatives}
         return {relative: future.result() for relative, future in futures.items()}
 
     def exists(self, relative: str) -> bool:
@@ -239,19 +352,38 @@ class Storage:
 
     def remove(self, relative: str) -> None:
         target = self.path(relative)
+        remove = (lambda: _local_remove(self.root, relative, tree=False)) if self.is_local else (
+            lambda: self.fs.rm_file(target))
         try:
-            self._call(f"delete {target}", lambda: self.fs.rm_file(target))
+            self._call(f"delete {target}", remove)
         except FileNotFoundError:
             pass
 
     def remove_tree(self, relative: str) -> None:
         target = self.path(relative)
+        remove = (lambda: _local_remove(self.root, relative, tree=True)) if self.is_local else (
+            lambda: self.fs.rm(target, recursive=True))
         try:
-            self._call(f"delete {target}", lambda: self.fs.rm(target, recursive=True))
+            self._call(f"delete {target}", remove)
         except FileNotFoundError:
             pass
-        if self.is_local and os.path.isdir(target):  # fsspec leaves emptied directories behind locally
-            os.rmdir(target)
+
+
+    def remove_everything(self) -> None:
+        """Delete this store's root and all below it: for benchmarks and tools that made the store themselves.
+
+        >>> Storage("/tmp/ct-scratch-run").remove_everything()  # doctest: +SKIP
+        """
+        if self.is_local:
+            try:
+                shutil.rmtree(self.root)  # refuses a root that is a symbolic link; never follows one below it
+            except FileNotFoundError:
+                pass
+            return
+        try:
+            self._call(f"delete {self.root}", lambda: self.fs.rm(self.root, recursive=True))
+        except FileNotFoundError:
+            pass
 
 
 def _protocols(fs) -> tuple:
@@ -259,30 +391,64 @@ def _protocols(fs) -> tuple:
     return protocol if isinstance(protocol, tuple) else (protocol,)
 
 
-def _local_atomic_write(target: str, data: Data, exclusive: bool, sync_directory: bool = True) -> None:
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    temporary = f"{target}.tmp-{uuid.uuid4().hex}"
+def _local_atomic_write(root: str, relative: str, data: Data, exclusive: bool, sync_directory: bool = True) -> None:
+    """Write beside the target, fsync, rename over it: inside `root`, never through a symbolic link."""
     try:
-        with open(temporary, "wb") as f:
-            f.writelines([data] if isinstance(data, bytes) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        if exclusive:
-            os.link(temporary, target)  # fails with FileExistsError if target exists: atomic exclusive create
-            os.remove(temporary)
+        _write_beside_and_rename(root, relative, data, exclusive, sync_directory)
+    except OSError as e:
+        if e.errno is None or isinstance(e, confined.UnsafePathError):
+            raise
+        # Calls relative to a directory descriptor name only the last component: name the whole path.
+        raise OSError(e.errno, e.strerror, os.path.join(root, relative)) from e
+
+
+def _write_beside_and_rename(root: str, relative: str, data: Data, exclusive: bool, sync_directory: bool) -> None:
+    *directory, name = confined.parts(relative)
+    os.makedirs(root, exist_ok=True)
+    parent = confined.open_directory(root, directory, create=True)
+    temporary = f"{name}.tmp-{uuid.uuid4().hex}"
+    try:
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666,
+                     dir_fd=parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.writelines([data] if isinstance(data, bytes) else data)
+                f.flush()
+                os.fsync(f.fileno())
+            if exclusive:
+                # Fails with FileExistsError if the target exists: an atomic exclusive create.
+                os.link(temporary, name, src_dir_fd=parent, dst_dir_fd=parent, follow_symlinks=False)
+                os.unlink(temporary, dir_fd=parent)
+            else:
+                os.replace(temporary, name, src_dir_fd=parent, dst_dir_fd=parent)
+        except BaseException:
+            try:
+                os.unlink(temporary, dir_fd=parent)
+            except FileNotFoundError:
+                pass
+            raise
+        if sync_directory:
+            os.fsync(parent)
+    finally:
+        os.close(parent)
+
+
+def _local_remove(root: str, relative: str, tree: bool) -> None:
+    """Delete a file (or a directory tree) inside `root`; a symbolic link is removed, never followed."""
+    *directory, name = confined.parts(relative)
+    parent = confined.open_directory(root, directory)
+    try:
+        if tree and stat.S_ISDIR(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode):
+            shutil.rmtree(name, dir_fd=parent)  # descriptor-based: never follows a link below it
         else:
-            os.replace(temporary, target)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
-    if sync_directory:
-        _fsync_directory(os.path.dirname(target))
+            os.unlink(name, dir_fd=parent)
+    finally:
+        os.close(parent)
 
 
-def _fsync_directory(path: str) -> None:
-    """Make a rename in `path` durable (a crash after rename could otherwise undo it)."""
-    fd = os.open(path, os.O_RDONLY)
+def _fsync_directory(root: str, relative: str = "") -> None:
+    """Make a rename in `root/relative` durable (a crash after rename could otherwise undo it)."""
+    fd = confined.open_directory(root, confined.parts(relative) if relative else [])
     try:
         os.fsync(fd)
     finally:

@@ -17,10 +17,10 @@ ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow  # each trains in several subprocesses (about 20-30 s apiece on 2 cores)
 
 
-def bench(*args: str, tmp_path: Path, stores: tuple[str, ...] = ("local",)) -> str:
+def bench(*args: str, tmp_path: Path, stores: tuple[str, ...] = ("local",), timeout: float = 300) -> str:
     result = subprocess.run(
         [sys.executable, "-m", "bench", *args, "--repeats", "1", "--stores", *stores, "--plot-dir", str(tmp_path)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300,
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
@@ -42,6 +42,8 @@ def test_resume_benchmark_runs_at_smallest_size(tmp_path):
     assert "| local disk | 13 MB |" in out
     assert "| numpy arrays (ArraySource) | 20 |" in out
     assert "| tf.data builder: TFRecord, shuffle, map (DatasetSource) | 20 |" in out
+    assert "| keras.utils.PyDataset (PyDatasetSource) | 20 |" in out
+    assert "| tf.data.Dataset object: TFRecord, map, batch (DatasetObjectSource) | 20 |" in out
     assert {p.name for p in tmp_path.glob("*.png")} == {"bench_resume_restart.png", "bench_resume_data.png"}
 
 
@@ -73,3 +75,24 @@ def test_multi_worker_benchmark_runs_at_smallest_size(tmp_path):
     assert rows[0].endswith("| 1.00 |")  # the baseline against itself
     assert "2 workers / 1 worker: **" in rows[2], out
     assert rows[3].startswith("| 13 MB |") and rows[3].count(" s |") >= 3, out  # one Dense 1024x1024 layer with Adam
+def test_cadence_benchmark_runs_at_smallest_size(tmp_path):
+    out = bench("--only", "cadence", "--epochs", "1", "--cadence-width", "8", "--cadence-steps", "20",
+                "--cadence-mb", "1", "--cadence-kills", "1", "--cadence-methods", "auto", "oracle", tmp_path=tmp_path)
+    assert '| loop, every_steps="auto" |' in out, out
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith(("| every_steps=", "| fixed every_steps"))]
+    assert [row[0] for row in rows] == ['| every_steps="auto"', "| fixed every_steps, the best in hindsight within the "
+                                        "budget"], out
+    assert all(row[2].isdigit() for row in rows), out  # one kill each, and each policy finished the run after it
+    assert rows[1][4] == "1.00x", out  # the oracle against itself
+
+
+def test_sweep_benchmark_runs_at_smallest_size(tmp_path):
+    # A local Ray cluster, a sweep of one trial and two Tune runs of one trivial trial: minutes on a busy machine.
+    # The ASHA sweep is left out (tests/test_sweep.py runs one).
+    out = bench("--only", "sweep", "--sweep-trials", "1", "--asha-trials", "0", "--trivial-trials", "1",
+                "--sweep-variants", tmp_path=tmp_path, timeout=900)
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "sweep wall" not in line]
+    assert [row.split(" | ")[0] for row in rows] == ["| warm workers (default), 1 epoch"], out
+    assert rows[0].split(" | ")[1:3] == ["1", "1"]  # one trial of one epoch
+    assert out.count("Tune driver, 1 trials that only report") == 2, out
+    assert "of which the driver process's CPU" in out

@@ -30,6 +30,24 @@ def test_ten_mixed_interruptions_of_the_seed_mlp_end_bitwise_equal_with_each_his
     assert epochs["attempt"].is_monotonic_increasing and epochs["attempt"].max() > 1
 
 
+@pytest.mark.slow
+def test_interruptions_of_a_run_that_paces_its_own_checkpoints_end_bitwise_equal(tmp_path):
+    messages = []
+    report = run_chaos(str(ROOT / "jobs" / "mlp.py"), str(tmp_path / "run"), interruptions=3, seed=1,
+                       every_steps="auto", run_args=["--devices", "2"], env=cli_env(), echo=messages.append)
+    summary = report.summary() + "\n" + "\n".join(messages)
+    kinds = [i.signal for i in report.interruptions]
+    assert len(kinds) == 3 and kinds[0] == "SIGKILL", summary  # seed 1 starts with a kill without notice
+    assert all(i.steps_rerun == 0 for i in report.interruptions if i.signal == "SIGTERM"), summary
+    assert report.ok, summary  # tensors bitwise, callback state, position, RNGs, histories
+    # Each attempt started from what the ones before it measured, and counted how they ended.
+    cadence = latest(tmp_path / "run").state["cadence"]
+    assert cadence["policy"] == "auto" and cadence["interval"]["reason"] != "first save", cadence
+    assert (cadence["interruptions"], cadence["notices"]) == (kinds.count("SIGKILL"), kinds.count("SIGTERM")), summary
+    attempts = [a["attempt"] for a in cadence["attempts"]]  # those that committed, in the final checkpoint's lineage
+    assert attempts == sorted(set(attempts)) and attempts[-1] == len(kinds) + 1 and len(attempts) >= 2, cadence
+
+
 def test_the_comparison_finds_a_single_flipped_bit(mlp_reference):
     reference = latest(mlp_reference)
     assert compare_runs(reference, reference) == []

@@ -2,13 +2,14 @@
 
 import io
 import json
+import re
 
 import pandas as pd
 import pytest
 
 from cluster_trainer.history import parquet_frame, read_history
 
-from harness import ROOT, cli, latest, tree_digest
+from harness import ROOT, TEST_JOB, cli, latest, tree_digest
 
 MLP = str(ROOT / "jobs" / "mlp.py")
 
@@ -27,7 +28,7 @@ def test_help_teaches_commands_and_exit_codes():
     [
         (["run", "no/such/job.py", "--storage", "x"], "job file not found"),
         (["run", MLP, "--storage", "x", "--set", "nosuch=1"], "no such config key; the job's keys are: lr, units"),
-        (["run", MLP, "--storage", "x", "--set", "units=wide"], "expected a int"),
+        (["run", MLP, "--storage", "x", "--set", "units=wide"], "expected an int"),
         (["run", MLP, "--storage", "nosuchscheme://bucket/run"], "cannot use storage URI"),
         (["status", "/nonexistent/run"], "no committed checkpoint under /nonexistent/run"),
     ],
@@ -68,6 +69,10 @@ def test_status_history_and_export_of_a_finished_run(mlp_reference, tmp_path):
     assert info["state"] == "complete"
     assert info["global_step"] == checkpoint.state["position"]["global_step"]
     assert info["checkpoint"] == checkpoint.name
+    assert info["cadence"]["interval"]["steps"] == 8  # the job's fixed every_steps, with what was measured
+    text = cli("status", str(mlp_reference)).stdout
+    assert "saves      every 8 steps: CheckpointPolicy(every_steps=8)\n" in text
+    assert re.search(r"flush      ~[\d.]+ s for [\d.]+ kB \(measured\), within the grace period", text), text
 
     history = cli("history", str(mlp_reference), "--format", "csv")
     assert history.returncode == 0, history.stderr
@@ -81,7 +86,7 @@ def test_status_history_and_export_of_a_finished_run(mlp_reference, tmp_path):
     pd.testing.assert_frame_equal(parquet_frame(parquet.read_bytes()), read_history(str(mlp_reference)))
 
     out = tmp_path / "model.keras"
-    export = cli("export", str(mlp_reference), str(out))
+    export = cli("export", str(mlp_reference), str(out), "--job", TEST_JOB)
     assert export.returncode == 0, export.stderr
 
     import keras

@@ -64,17 +64,57 @@ def test_a_builder_that_takes_skip_skips_itself_before_its_parse_and_gets_the_sa
     assert_same_batches(batches(source.epoch_dataset(1, 9, 8, start_batch=start)), full[start:])
 
 
-def test_a_dataset_instead_of_a_builder_names_the_fix():
-    with pytest.raises(JobError, match="pass a builder `lambda epoch, seed: dataset`"):
-        as_source(tf.data.Dataset.range(3), shuffle=True, what="train_data")
+@pytest.mark.parametrize("dataset, problem", [
+    (tf.data.Dataset.range(50).shuffle(50), "reshuffle_each_iteration=True"),
+    (tf.data.Dataset.range(50).shuffle(50, reshuffle_each_iteration=False), "shuffle without a seed"),
+    (tf.data.Dataset.range(50).map(lambda x: x + tf.cast(tf.random.uniform(()) > 0.5, tf.int64)), "unseeded random op"),
+    (tf.data.Dataset.range(3).interleave(lambda i: tf.data.Dataset.range(5), num_parallel_calls=2,
+                                         deterministic=False), "deterministic=False"),
+    (tf.data.Dataset.range(2).flat_map(lambda i: tf.data.Dataset.range(5).shuffle(5)), "reshuffle_each_iteration=True"),
+], ids=["reshuffles", "unseeded", "random_map", "nondeterministic", "nested_shuffle"])
+def test_a_dataset_whose_order_changes_per_iteration_is_refused_with_the_builder_form(dataset, problem):
+    with pytest.raises(JobError, match=problem) as refused:
+        as_source(dataset, shuffle=True, what="train_data")
+    assert "`train_data=lambda epoch, seed: examples.shuffle(n, seed=seed * 1000 + epoch)`" in str(refused.value)
+    assert "\n" not in str(refused.value)
+
+
+@pytest.mark.parametrize("dataset, batched", [
+    (tf.data.Dataset.from_tensor_slices((X, Y)), False),
+    (tf.data.Dataset.from_tensor_slices((X, Y)).shuffle(50, seed=1, reshuffle_each_iteration=False), False),
+    (tf.data.Dataset.from_tensor_slices((X, Y)).batch(8).map(lambda x, y: (x * 2, y)).prefetch(2), True),
+    (tf.data.Dataset.from_tensor_slices((X, Y)).padded_batch(8), True),
+    (tf.data.Dataset.from_tensor_slices((X, Y)).batch(8).unbatch(), False),
+    (tf.data.Dataset.from_tensor_slices((X, Y)).batch(8).repeat(), True),
+], ids=["plain", "seeded_fixed_shuffle", "batch_map_prefetch", "padded_batch", "unbatched_again", "batch_repeat"])
+def test_a_dataset_is_told_batched_or_unbatched_from_its_graph_and_resumes_by_skipping(dataset, batched):
+    source = as_source(dataset, shuffle=True, what="train_data")
+    assert source.batched is batched
+    assert ("a batched" if batched else "an unbatched") in source.describe()
+    assert_same_batches(batches(source.epoch_dataset(0, 0, 8, start_batch=3).take(2)),
+                        batches(source.epoch_dataset(0, 0, 8).skip(3).take(2)))
+    if not batched:
+        assert_same_batches(batches(source.epoch_dataset(0, 0, 8).take(1)), batches(dataset.batch(8).take(1)))
+
+
+def test_a_python_generator_is_refused_with_what_to_pass_instead():
+    with pytest.raises(JobError, match="PyDataset .* or a builder"):
+        as_source((pair for pair in zip(X, Y)), shuffle=True, what="train_data")
+
+
+def test_arrays_of_different_lengths_are_a_job_error():
     with pytest.raises(JobError, match="different lengths"):
         as_source((X, Y[:10]), shuffle=True, what="train_data")
 
 
-def test_an_infinite_builder_is_refused_instead_of_training_forever():
-    source = DatasetSource(lambda epoch, seed: tf.data.Dataset.from_tensor_slices((X, Y)).repeat())
-    with pytest.raises(JobError, match="infinite dataset"):
-        source.num_batches(8)
+def test_infinite_data_without_steps_per_epoch_is_refused_instead_of_training_forever(tmp_path):
+    import cluster_trainer as ct
+
+    job = ct.Job(name="forever", build_model=lambda config: None,
+                 train_data=lambda epoch, seed: tf.data.Dataset.from_tensor_slices((X, Y)).repeat())
+    with pytest.raises(JobError, match="infinite .* set Job.steps_per_epoch"):
+        ct.train(job, str(tmp_path / "run"), verbose=0, echo=lambda message: None)
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_nested_lists_are_a_job_error():
@@ -84,7 +124,8 @@ def test_nested_lists_are_a_job_error():
 
 def test_an_epoch_of_unknown_length_trains_every_batch_as_fit_does(tmp_path):
     """A builder whose cardinality TensorFlow cannot tell (a `filter`): the loop's compiled step finds
-    the end of the data itself. Same steps, same weights as `fit` on the same batches."""
+    the end of the data itself. Same steps, same weights and the same epoch history (train loss included)
+    as `fit` on the same batches."""
     import keras
 
     import cluster_trainer as ct
@@ -114,7 +155,8 @@ def test_an_epoch_of_unknown_length_trains_every_batch_as_fit_does(tmp_path):
     keras.utils.set_random_seed(3)
     with strategy.scope():
         reference = build({})
-    reference.fit(examples(0, 3).batch(8), epochs=2, verbose=0)
+    fit_history = reference.fit(examples(0, 3).batch(8), epochs=2, verbose=0).history
+    assert result.history == fit_history and len(result.history["loss"]) == 2
     trained = latest(tmp_path / "run")
     kernels = [trained.tensors[e["key"]] for e in trained.state["variables"] if e["stable_path"].endswith("kernel")]
     assert len(kernels) == 2 and result.position.global_step == 14

@@ -35,7 +35,7 @@ def test_overrides_are_typed(text, expected):
     [
         ("lr", "expects key=value"),
         ("rate=0.1", "no such config key; the job's keys are: augment, clip, layers, lr, optimizer, units"),
-        ("units=1.5", "expected a int like 64, got float"),
+        ("units=1.5", "expected an int like 64, got float"),
         ("augment=yes", "expected a bool"),
     ],
 )
@@ -50,7 +50,8 @@ def test_job_validation_names_the_field():
         ct.Job(name="x", build_model=lambda c: None, train_data=data, epochs=0)
     with pytest.raises(JobError, match="build_model must be a function"):
         ct.Job(name="x", build_model="model", train_data=data)
-    with pytest.raises(JobError, match="every_steps must be an integer >= 1, or None; got 0"):
+    with pytest.raises(JobError, match=r'every_steps must be an integer >= 1, "auto" \(paced by what the run '
+                                       r"measures\) or None; got 0"):
         ct.CheckpointPolicy(every_steps=0)
 
 
@@ -79,3 +80,12 @@ def test_a_seed_out_of_range_is_a_job_error(seed):
 def test_a_string_step_interval_is_a_job_error():
     with pytest.raises(JobError, match="every_steps must be an integer"):
         ct.CheckpointPolicy(every_steps="10")
+
+
+def test_auto_is_a_step_interval_and_the_overhead_budget_a_fraction():
+    assert ct.CheckpointPolicy(every_steps="auto").max_overhead == 0.03
+    with pytest.raises(JobError, match=r"max_overhead must be a fraction of training time between 0 and 1 \(0.03: 3%\), "
+                                       r"got 3"):
+        ct.CheckpointPolicy(every_steps="auto", max_overhead=3)
+    with pytest.raises(JobError, match='every_steps="auto" is decided by the run'):
+        ct.CheckpointPolicy(every_steps="auto").due_at_step(10)

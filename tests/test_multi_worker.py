@@ -181,3 +181,22 @@ def test_a_worker_killed_without_notice_fails_the_others_in_bounded_time(tmp_pat
     errors = [line for line in group.output(0).splitlines() if line.startswith("cluster-trainer: error:")]
     assert len(errors) == 1 and "worker 0 lost the rest of its group" in errors[0], group.output(0)
     assert "start every worker again: the run resumes from its last commit" in errors[0]
+
+
+@pytest.mark.parametrize("data", ["pydataset", "unknown"])
+def test_two_workers_train_bitwise_what_one_process_trains_with_batch_norm_and_fit_s_other_data(data, tmp_path):
+    """Beyond arrays: BatchNormalization, whose copies differ per replica, gathered from every worker
+    into the checkpoint; a PyDataset with steps_per_epoch windows, validation_batch_size and
+    every_steps="auto" (the chief's cadence, agreed through the step's votes); a tf.data builder of
+    unknown length, whose epochs end where the data does on every worker at the same step."""
+    env = {"CT_TEST_JOB": "fit_variants", "CT_TEST_DATA": data}
+    single = subprocess.run(run_command(tmp_path / "single", 2), cwd=ROOT, env=cli_env(**env), capture_output=True,
+                            text=True, timeout=600)
+    assert single.returncode == 0, single.stderr
+    with WorkerGroup(tmp_path / "group", tmp_path, **env) as group:
+        codes = group.wait()
+    assert codes == [0, 0], group.outputs()
+    final = latest(tmp_path / "group")
+    per_replica = [v["path"] for v in final.state["variables"] if v.get("replicas") == 2]
+    assert any("batch_normalization" in path and "moving" in path for path in per_replica), per_replica
+    assert_bitwise_equal_runs(latest(tmp_path / "single"), final)

@@ -4,6 +4,7 @@ The metadata servers are real HTTP servers on loopback that answer like GCE's
 and EC2's (IMDSv2: a session token first); the runs are real processes.
 """
 
+import contextlib
 import http.server
 import json
 import re
@@ -18,7 +19,7 @@ import pytest
 from cluster_trainer.preemption import AwsSpotNotice, FileNotice, GceMetadataNotice, PreemptionWatcher, notice_sources
 from cluster_trainer.errors import ConfigError
 from faulty_proxy import FaultyProxy
-from harness import assert_bitwise_equal_runs, cli, latest, start_training, train_cmd
+from harness import assert_bitwise_equal_runs, cli, latest, start_training, train_cmd, wait_until
 from cluster_trainer.checkpoint import CheckpointStore
 from cluster_trainer.history import read_history
 from cluster_trainer.storage import Storage
@@ -34,6 +35,8 @@ class MetadataServer:
     def __init__(self, aws_seconds_left: float = 120.0):
         self.preempted = False
         self.aws_seconds_left = aws_seconds_left
+        self.rebalance: str | None = None  # EC2's noticeTime, once it recommends a rebalance
+        self.maintenance = "NONE"  # GCE's maintenance-event
         self.requests: list[str] = []
         server = self
 
@@ -63,7 +66,7 @@ class MetadataServer:
                     if field == "preempted":
                         return self._answer(200, "TRUE" if server.preempted else "FALSE")
                     if field == "maintenance-event":
-                        return self._answer(200, "NONE")
+                        return self._answer(200, server.maintenance)
                 elif self.path == "/latest/meta-data/spot/instance-action":
                     if self.headers.get("X-aws-ec2-metadata-token") != MetadataServer.TOKEN:
                         return self._answer(401)
@@ -71,6 +74,12 @@ class MetadataServer:
                         return self._answer(404, "Not Found")
                     when = datetime.now(timezone.utc) + timedelta(seconds=server.aws_seconds_left)
                     return self._answer(200, json.dumps({"action": "terminate", "time": when.strftime("%Y-%m-%dT%H:%M:%SZ")}))
+                elif self.path == "/latest/meta-data/events/recommendations/rebalance":
+                    if self.headers.get("X-aws-ec2-metadata-token") != MetadataServer.TOKEN:
+                        return self._answer(401)
+                    if server.rebalance is None:
+                        return self._answer(404, "Not Found")
+                    return self._answer(200, json.dumps({"noticeTime": server.rebalance}))
                 self._answer(404)
 
         self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
@@ -91,6 +100,17 @@ def metadata():
     server = MetadataServer()
     yield server
     server.stop()
+
+
+@contextlib.contextmanager
+def _killed_unless_exited(process):
+    """Whatever fails in the block, the training process does not outlive it."""
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 def _seen_within(watcher: PreemptionWatcher, server: MetadataServer, limit: float) -> float:
@@ -134,6 +154,40 @@ def test_a_deadline_later_than_the_grace_period_is_capped_at_it(metadata):
     assert 29 < watcher.notice.seconds_left() <= 30
 
 
+def test_an_ec2_rebalance_recommendation_is_an_early_warning_reported_once_and_not_a_notice(metadata):
+    watcher = PreemptionWatcher([AwsSpotNotice(endpoint=f"http://{metadata.host}")], grace_seconds=300,
+                                poll_seconds=0.1)
+    watcher.start(handle_signals=False)
+    try:
+        time.sleep(0.3)
+        assert watcher.take_warnings() == []
+        metadata.rebalance = "2026-12-01T10:00:00Z"
+        warnings = []
+        wait_until(lambda: warnings.extend(watcher.take_warnings()) or warnings, "the early warning", timeout=10)
+        time.sleep(0.5)  # the recommendation stands through several more polls
+        warnings += watcher.take_warnings()
+        assert [(w.source, w.reason) for w in warnings] == [
+            ("AWS spot instance-action", "EC2 rebalance recommendation of 2026-12-01T10:00:00Z")]
+        assert watcher.notice is None  # training goes on
+        metadata.preempt()  # the interruption notice that follows
+        wait_until(lambda: watcher.notice is not None, "the notice", timeout=10)
+    finally:
+        watcher.stop()
+    assert "GET /latest/meta-data/events/recommendations/rebalance" in metadata.requests
+
+
+def test_a_gce_live_migration_is_an_early_warning_and_a_terminating_maintenance_a_notice(metadata):
+    source = GceMetadataNotice(host=metadata.host)
+    assert source.poll() is None and source.poll_warning() is None
+    metadata.maintenance = "MIGRATE_ON_HOST_MAINTENANCE"
+    assert source.poll() is None
+    assert source.poll_warning() == "maintenance-event MIGRATE_ON_HOST_MAINTENANCE (a live migration within 60 s)"
+    metadata.maintenance = "TERMINATE_ON_HOST_MAINTENANCE"
+    assert source.poll() == float("inf") and source.poll_warning() is None
+    metadata.maintenance, metadata.preempted = "NONE", True
+    assert source.poll() == float("inf")
+
+
 def test_a_file_notice_reads_its_deadline_from_the_file(tmp_path):
     source = FileNotice(str(tmp_path / "preempt"))
     assert source.poll() is None
@@ -164,13 +218,9 @@ def test_a_metadata_notice_flushes_the_run_at_a_batch_boundary(cloud, metadata, 
     env = {"GCE_METADATA_HOST": metadata.host, "AWS_EC2_METADATA_SERVICE_ENDPOINT": f"http://{metadata.host}",
            "CT_TEST_STEP_SLEEP": "0.03", "CLUSTER_TRAINER_GRACE_SECONDS": "20"}
     process, log = start_training(storage, "--notice", cloud, **env)
-    try:
+    with _killed_unless_exited(process):
         metadata.preempt()
         process.wait(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
     output = log.read_text()
     assert process.returncode == EXIT_PREEMPTED, output
     source = {"gce": "GCE metadata", "aws": "AWS spot instance-action"}[cloud]
@@ -241,4 +291,38 @@ def test_a_second_notice_neither_moves_the_deadline_nor_commits_twice(mlp_refere
     resumed = cli(*train_cmd(storage))
     assert resumed.returncode == 0, resumed.stderr
     assert "(global step 21), attempt 2" in resumed.stderr
+    assert_bitwise_equal_runs(latest(mlp_reference), latest(storage))
+
+
+@pytest.mark.slow
+def test_an_ec2_rebalance_recommendation_saves_once_trains_on_and_the_notice_after_it_re_runs_no_step(
+        metadata, mlp_reference, tmp_path):
+    storage = tmp_path / "run"
+    # Commits at epoch ends only, so that the save on the warning is the one commit besides them and the flush.
+    env = {"AWS_EC2_METADATA_SERVICE_ENDPOINT": f"http://{metadata.host}", "CT_TEST_STEP_SLEEP": "0.05",
+           "CT_TEST_EVERY_STEPS": "100000"}
+    process, log = start_training(storage, "--notice", "aws", **env)
+    with _killed_unless_exited(process):
+        metadata.rebalance = "2026-12-01T10:00:00Z"
+        wait_until(lambda: "early warning" in log.read_text() or process.poll() is not None, "the early save")
+        time.sleep(2.5)  # the recommendation stands, polled again and again; training goes on
+        assert process.poll() is None, log.read_text()[-3000:]
+        metadata.preempt()
+        process.wait(timeout=60)
+    output = log.read_text()
+    assert process.returncode == EXIT_PREEMPTED, output[-3000:]
+    early = re.findall(r"early warning \(AWS spot instance-action: EC2 rebalance recommendation of "
+                       r"2026-12-01T10:00:00Z\): saving at epoch \d+, batch \d+ \(global step (\d+)\) and training on",
+                       output)
+    assert len(early) == 1, output[-3000:]
+    epoch, batch, step = _flushed_position(output)
+    assert int(early[0]) < step  # it trained on after the early save
+    flush = latest(storage)
+    epoch_ends = epoch if batch > 0 else epoch - 1  # a flush at an epoch's end takes the place of its commit
+    assert flush.sequence == epoch_ends + 2, (flush.name, output[-3000:])  # + the early save + the flush
+    assert flush.state["cadence"]["early_saves"] == 1 and flush.state["cadence"]["flush"] is True
+
+    resumed = cli(*train_cmd(storage))
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"(global step {step}), attempt 2" in resumed.stderr  # zero steps re-run
     assert_bitwise_equal_runs(latest(mlp_reference), latest(storage))

@@ -282,6 +282,9 @@ def test_without_an_address_a_local_ray_runs_the_job_ctrl_c_commits_and_a_rerun_
     try:
         driver.wait_for(r"starting a local Ray on 127\.0\.0\.1")
         wait_until(lambda: committed_step(storage) > 0, "the first commit")
+        # Every server of the local Ray (GCS, raylet, workers, agents) and the driver's: on loopback only.
+        listening = listening_addresses([driver.process.pid, *local_ray()])
+        assert listening and all(address.is_loopback for address in listening), listening
         os.killpg(driver.process.pid, signal.SIGINT)  # Ctrl-C reaches the terminal's whole process group
         assert driver.finish() == EXIT_PREEMPTED, driver.output()[-4000:]
     finally:
@@ -307,6 +310,29 @@ def test_without_an_address_a_local_ray_runs_the_job_ctrl_c_commits_and_a_rerun_
     assert f"(global step {step}), attempt 2" in rerun.output()
     assert_bitwise_equal_runs(latest(mlp_reference), latest(storage))
     print(f"embedded Ray test: {time.monotonic() - started:.0f}s")
+
+
+def listening_addresses(pids: list[int]) -> set:
+    """The addresses the processes `pids` accept TCP connections on (IPv4-mapped IPv6 as IPv4), from /proc."""
+    import ipaddress
+
+    sockets = set()
+    for pid in pids:
+        try:
+            links = [os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")]
+        except OSError:  # gone meanwhile
+            continue
+        sockets |= {link[len("socket:["):-1] for link in links if link.startswith("socket:[")}
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            for line in list(f)[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and fields[9] in sockets:  # LISTEN
+                    raw = bytes.fromhex(fields[1].split(":")[0])  # 32-bit words in host (little-endian) order
+                    address = ipaddress.ip_address(b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4)))
+                    found.add(getattr(address, "ipv4_mapped", None) or address)
+    return found
 
 
 # -- bad input, before any Ray starts ----------------------------------------------------------------

@@ -15,6 +15,8 @@ def test_changed_architecture_is_a_clear_error_and_touches_nothing(mlp_reference
     assert result.returncode == 2
     error_lines = [line for line in result.stderr.splitlines() if "error" in line]
     assert len(error_lines) == 1, result.stderr
+    assert "continuing" not in result.stderr  # no promise to go on before the refusal
+    assert "config differs from the run's checkpoint in units=64 (now 32)" in error_lines[0]  # the real reason
     assert "different model" in error_lines[0]
     assert "checkpoint has sequential/dense/kernel (20, 64)" in error_lines[0]
     assert "model has sequential/dense/kernel (20, 32)" in error_lines[0]

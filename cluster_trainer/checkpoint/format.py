@@ -35,6 +35,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 import struct
 import time
@@ -51,6 +52,8 @@ FORMAT = "cluster-trainer-checkpoint/1"
 MANIFEST = "MANIFEST.json"
 STATE = "state.json"
 DEFAULT_SHARD_BYTES = 64 * 1024 * 1024
+# A manifest lists files and tensor names: a few hundred bytes per tensor. Read no more than this.
+MANIFEST_LIMIT = 64 * 1024 * 1024
 NAME = re.compile(r"^c(\d{8,})-s(\d{10,})-a(\d{4,})$")
 
 
@@ -135,7 +138,10 @@ def safetensors_parts(tensors: dict[str, np.ndarray]) -> list:
 def read_safetensors(data: bytes, where: str) -> dict[str, np.ndarray]:
     """The tensors of a safetensors file, as read-only arrays over `data` (no copy).
 
-    A dtype this reader does not map goes through `safetensors.numpy.load`.
+    The header is checked before anything is read through it: a dict of tensors, each with a
+    dtype, a shape of non-negative integers and offsets inside the file that fit that shape. A
+    dtype this reader does not map goes through `safetensors.numpy.load`; whatever it raises is
+    a `CheckpointError` too.
 
     Example:
         >>> read_safetensors(b"".join(safetensors_parts({"w": np.arange(2, dtype="int64")})), "doc")["w"]
@@ -144,22 +150,41 @@ def read_safetensors(data: bytes, where: str) -> dict[str, np.ndarray]:
     try:
         (length,) = struct.unpack_from("<Q", data)
         header = json.loads(bytes(data[8 : 8 + length]))
+        if not isinstance(header, dict):
+            raise ValueError(f"the header is a JSON {type(header).__name__}, not an object")
         start = 8 + length
         tensors = {}
         for key, info in header.items():
             if key == "__metadata__":
                 continue
+            if not isinstance(info, dict) or not isinstance(info.get("dtype"), str):
+                raise ValueError(f"tensor {key!r} has no dtype")
+            shape, offsets = info.get("shape"), info.get("data_offsets")
+            if not (_naturals(shape) and _naturals(offsets) and len(offsets) == 2):
+                raise ValueError(f"tensor {key!r}: shape {shape!r} or offsets {offsets!r} are not non-negative integers")
             dtype = _NUMPY_DTYPES.get(info["dtype"])
             if dtype is None:
-                return load_safetensors(bytes(data))
-            begin, end = info["data_offsets"]
-            count = int(np.prod(info["shape"], dtype=np.int64))
-            if end - begin != count * dtype.itemsize or start + end > len(data) or begin < 0:
+                return _library_load(data)
+            begin, end = offsets
+            count = math.prod(shape)
+            if end - begin != count * dtype.itemsize or start + end > len(data):
                 raise ValueError(f"tensor {key!r} does not fit its offsets")
-            tensors[key] = np.frombuffer(data, dtype, count, start + begin).reshape(info["shape"])
+            tensors[key] = np.frombuffer(data, dtype, count, start + begin).reshape(shape)
         return tensors
-    except (struct.error, ValueError, KeyError, TypeError) as e:
+    except (struct.error, ValueError, KeyError, TypeError, RecursionError) as e:
         raise CheckpointError(f"{where}: not a readable safetensors file ({e})") from None
+
+
+def _naturals(values: Any) -> bool:
+    """Whether `values` is a list of non-negative integers (JSON's `true` is not one)."""
+    return isinstance(values, list) and all(type(v) is int and v >= 0 for v in values)
+
+
+def _library_load(data: bytes) -> dict[str, np.ndarray]:
+    try:
+        return load_safetensors(bytes(data))
+    except Exception as e:  # the library's own SafetensorError, or numpy's for a dtype it has not
+        raise ValueError(f"{type(e).__name__}: {e}") from None
 
 
 @dataclasses.dataclass
@@ -257,37 +282,78 @@ def serialize(
 
 
 def parse_manifest(name: str, data: bytes, where: str) -> dict[str, Any]:
+    """The manifest of checkpoint `name`, its structure checked before anything uses it.
+
+    Every field a reader or retention relies on must have its type; file names must be plain
+    names inside the checkpoint's directory (not empty, no `/`, `\\`, NUL or leading dot),
+    each listed once, with a size and a checksum; tensors must map to listed shards.
+    """
+    if len(data) > MANIFEST_LIMIT:
+        raise CheckpointError(f"{where}: larger than {MANIFEST_LIMIT} bytes; not a manifest this version writes")
     try:
         manifest = json.loads(data)
-    except ValueError as e:
-        raise CheckpointError(f"{where}: unreadable manifest ({e})") from None
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"{where}: unreadable manifest ({type(e).__name__}: {e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointError(f"{where}: unknown checkpoint format (this version reads {FORMAT})")
-    try:
-        names = [entry["name"] for entry in manifest["files"]]
-        for entry in manifest["files"]:
-            int(entry["size"]), str(entry["crc32"] if "crc32" in entry else entry["sha256"])
-        identity = (manifest["sequence"], manifest["step"], manifest["attempt"])
-        dict(manifest["tensors"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{where}: malformed manifest ({type(e).__name__}: {e})") from None
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise CheckpointError(f"{where}: malformed manifest ({problem})")
+    names = [entry["name"] for entry in manifest["files"]]
     for file in names:
-        if not isinstance(file, str) or "/" in file or "\\" in file or file.startswith("."):
+        if not file or "/" in file or "\\" in file or "\0" in file or file.startswith(".") or file == MANIFEST:
             raise CheckpointError(f"{where}: manifest names {file!r}, outside the checkpoint directory")
+    if len(set(names)) != len(names):
+        raise CheckpointError(f"{where}: malformed manifest (a file is listed twice)")
     if STATE not in names:
         raise CheckpointError(f"{where}: malformed manifest (no {STATE})")
-    if parse_name(name) != identity:
+    if any(shard not in names or not shard.endswith(".safetensors") for shard in manifest["tensors"].values()):
+        raise CheckpointError(f"{where}: malformed manifest (a tensor maps to a file it does not list as a shard)")
+    if parse_name(name) != (manifest["sequence"], manifest["step"], manifest["attempt"]):
         raise CheckpointError(f"{where}: manifest does not belong to checkpoint {name}")
     return manifest
 
 
+def _manifest_problem(manifest: dict[str, Any]) -> str | None:
+    """What is wrong with the types of a manifest's fields, or None."""
+    files = manifest.get("files")
+    if not isinstance(files, list) or not all(isinstance(entry, dict) for entry in files):
+        return "files is not a list of objects"
+    for entry in files:
+        if not isinstance(entry.get("name"), str) or type(entry.get("size")) is not int or entry["size"] < 0:
+            return f"file entry {entry!r:.80} needs a name and a size"
+        if not (_hex(entry.get("crc32"), 8) or ("crc32" not in entry and _hex(entry.get("sha256"), 64))):
+            return f"file {entry['name']!r:.80} has no crc32 (or sha256) checksum"
+    for field in ("sequence", "step", "attempt"):
+        if type(manifest.get(field)) is not int:
+            return f"{field} is not an integer"
+    tensors = manifest.get("tensors")
+    if not isinstance(tensors, dict) or not all(isinstance(v, str) for v in tensors.values()):
+        return "tensors is not an object of tensor -> shard"
+    for field, kinds in (("run_id", str), ("position", dict), ("metrics", dict), ("epoch_end", int)):
+        value = manifest.get(field)
+        if value is not None and (not isinstance(value, kinds) or isinstance(value, bool)):
+            return f"{field} is a {type(value).__name__}"
+    return None
+
+
+def _hex(value: Any, digits: int) -> bool:
+    return isinstance(value, str) and len(value) == digits and all(c in "0123456789abcdef" for c in value)
+
+
 def decode(name: str, manifest: dict[str, Any], contents: dict[str, bytes], where: str) -> Checkpoint:
-    """Verify every file against the manifest and rebuild the checkpoint."""
+    """Verify every file against the manifest and rebuild the checkpoint.
+
+    Each shard must hold exactly the tensors the manifest maps to it; the state must be a JSON
+    object. Anything the decoders raise is a `CheckpointError` naming the file.
+    """
     for entry in manifest["files"]:
         data = contents.get(entry["name"])
         location = f"{where}/{entry['name']}"
         if data is None:
             raise CheckpointError(f"{location}: missing")
+        if len(data) > entry["size"]:
+            raise CheckpointError(f"{location}: larger than the {entry['size']} bytes the manifest says (not read further)")
         if len(data) != entry["size"]:
             raise CheckpointError(f"{location}: {len(data)} bytes, manifest says {entry['size']} (truncated?)")
         if not checksum_matches(entry, data):
@@ -295,7 +361,12 @@ def decode(name: str, manifest: dict[str, Any], contents: dict[str, bytes], wher
     stored: dict[str, np.ndarray] = {}
     for file, data in contents.items():
         if file.endswith(".safetensors"):
-            stored.update(read_safetensors(data, f"{where}/{file}"))
+            found = read_safetensors(data, f"{where}/{file}")
+            expected = {key for key, shard in manifest["tensors"].items() if shard == file}
+            if set(found) != expected:
+                raise CheckpointError(f"{where}/{file}: holds other tensors than the manifest says "
+                                      f"({sorted(set(found) ^ expected)[:3]})")
+            stored.update(found)
     missing = set(manifest["tensors"]) - set(stored)
     if missing:
         raise CheckpointError(f"{where}: tensors listed in the manifest are missing: {sorted(missing)[:3]}")
@@ -308,13 +379,22 @@ def decode(name: str, manifest: dict[str, Any], contents: dict[str, bytes], wher
         else:
             tensors[key] = array
     for base, pieces in parts.items():
-        tensors[base] = np.concatenate([array for _, array in sorted(pieces)])
+        try:
+            tensors[base] = np.concatenate([array for _, array in sorted(pieces, key=lambda piece: piece[0])])
+        except ValueError as e:
+            raise CheckpointError(f"{where}: the parts of tensor {base!r} do not join ({e})") from None
+    try:
+        state = json.loads(contents[STATE])
+    except (ValueError, RecursionError) as e:
+        raise CheckpointError(f"{where}/{STATE}: unreadable ({type(e).__name__}: {e})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{where}/{STATE}: a JSON {type(state).__name__}, not an object")
     return Checkpoint(
         name=name,
         sequence=manifest["sequence"],
         step=manifest["step"],
         attempt=manifest["attempt"],
         manifest=manifest,
-        state=json.loads(contents["state.json"]),
+        state=state,
         tensors=tensors,
     )

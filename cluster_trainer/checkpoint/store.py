@@ -13,6 +13,7 @@ from cluster_trainer.checkpoint import fencing
 from cluster_trainer.checkpoint.format import (
     DEFAULT_SHARD_BYTES,
     MANIFEST,
+    MANIFEST_LIMIT,
     Checkpoint,
     EncodedFile,
     checkpoint_name,
@@ -23,11 +24,15 @@ from cluster_trainer.checkpoint.format import (
     parse_name,
 )
 from cluster_trainer.checkpoint.retention import Retention
-from cluster_trainer.errors import CheckpointError
+from cluster_trainer.errors import CheckpointError, StorageError
 from cluster_trainer.storage import Storage
 
 PREFIX = "checkpoints"
 log = logging.getLogger(__name__)
+
+
+class ForeignCheckpointError(CheckpointError):
+    """A checkpoint written by another run (its `run_id` differs from this run's): skipped, never pruned."""
 
 
 class _StageClock:
@@ -67,11 +72,16 @@ class CheckpointStore:
         array([1., 1., 1.], dtype=float32)
     """
 
-    def __init__(self, storage: Storage, retention: Retention = Retention(), shard_bytes: int = DEFAULT_SHARD_BYTES):
+    def __init__(self, storage: Storage, retention: Retention = Retention(), shard_bytes: int = DEFAULT_SHARD_BYTES,
+                 check_state: Callable[[Checkpoint, str], None] | None = None):
+        """`check_state(checkpoint, where)` raises `CheckpointError` for a state its reader could not use
+        (the run's schema, `cluster_trainer.run_state.check`): such a checkpoint is skipped like a corrupt one."""
         self.storage = storage
         self.retention = retention
         self.shard_bytes = shard_bytes
-        self._manifests: dict[str, dict] = {}  # committed manifests already read (for retention by metric)
+        self.check_state = check_state
+        # Committed manifests already read: metrics and epoch for retention, run_id (or None if unreadable).
+        self._manifests: dict[str, dict] = {}
         self.last_commit: CommitReport | None = None
 
     def _rel(self, name: str, file: str = "") -> str:
@@ -115,14 +125,17 @@ class CheckpointStore:
                                   epoch_end=epoch_end, run_id=run_id, position=position)
         self.storage.put(self._rel(name, MANIFEST), manifest)
         clock.lap("manifest")
-        self._manifests[name] = {"metrics": metrics, "epoch_end": epoch_end}
+        self._manifests[name] = {"metrics": metrics, "epoch_end": epoch_end, "run_id": run_id, "readable": True}
         try:
             self.storage.put_many((published() if callable(published) else published) or {})
         except Exception as e:  # the checkpoint is committed; the views catch up at the next commit
             log.warning("published files not updated after committing %s: %s: %s", name, type(e).__name__, e)
         clock.lap("published")
         if prune:
-            self.prune(current_attempt=attempt)
+            try:
+                self.prune(current_attempt=attempt)
+            except Exception as e:  # committed all the same; the next commit prunes again
+                log.warning("pruning after committing %s failed: %s: %s", name, type(e).__name__, e)
             clock.lap("prune")
         self.last_commit = CommitReport(name, sum(f.size for f in encoded), clock.laps)
         log.debug("committed %s", self.last_commit)
@@ -155,57 +168,110 @@ class CheckpointStore:
         return max((parse_name(name)[0] for name in committed + uncommitted), default=0)
 
     def committed(self) -> list[str]:
-        """Names of the committed checkpoints that count (not from a superseded attempt), newest first."""
-        names, _ = self._listing()
-        return self._counting(names)
+        """Names of the committed checkpoints that count (not from a superseded attempt), newest first.
 
-    def _counting(self, names: list[str]) -> list[str]:
-        """`names` without the checkpoints a superseded attempt committed after it was replaced."""
-        limits = fencing.cutoffs(self.storage)
-        valid = []
+        Foreign checkpoints (another run's) are among them: only reading a manifest tells them
+        apart, which `load_latest` does.
+        """
+        names, _ = self._listing()
+        return self._counting(names)[0]
+
+    def run_id(self) -> str | None:
+        """This run's id, as its first attempt recorded it (None before any attempt recorded one)."""
+        return fencing.run_identity(fencing.read_records(self.storage))
+
+    def _counting(self, names: list[str], records: dict | None = None) -> tuple[list[str], list[str]]:
+        """`names` split into those that count and those a superseded attempt committed after it was
+        replaced (which never count), both newest first. `records`: the attempts' (read if not given)."""
+        limits = fencing.cutoffs(self.storage, [(parse_name(n)[0], parse_name(n)[2]) for n in names], records)
+        valid, superseded = [], []
         for name in names:
             sequence, _, attempt = parse_name(name)
             if attempt in limits and sequence > limits[attempt]:
                 log.debug("ignoring %s: written by attempt %d after it was superseded", name, attempt)
-                continue
-            valid.append(name)
-        return valid
+                superseded.append(name)
+            else:
+                valid.append(name)
+        return valid, superseded
 
-    def read(self, name: str) -> Checkpoint:
-        """Read (files in parallel) and verify one checkpoint; `CheckpointError` names the bad object."""
+    def read(self, name: str, run_id: str | None = None) -> Checkpoint:
+        """Read (files in parallel) and verify one checkpoint; `CheckpointError` names the bad object.
+
+        Nothing is read past the sizes the manifest gives, and locally nothing through a symbolic
+        link. With `run_id`, a checkpoint of another run is `ForeignCheckpointError`, found from
+        its manifest before its shards are read.
+        """
         where = self.storage.path(self._rel(name))
         try:
-            manifest = parse_manifest(name, self.storage.get(self._rel(name, MANIFEST)), f"{where}/{MANIFEST}")
-        except FileNotFoundError:
+            data = self.storage.get(self._rel(name, MANIFEST), limit=MANIFEST_LIMIT + 1)
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise CheckpointError(f"{where}/{MANIFEST}: missing") from None
+        except StorageError as e:  # a link or a device where the manifest should be
+            raise CheckpointError(str(e)) from None
+        manifest = self._fail_closed(where, lambda: parse_manifest(name, data, f"{where}/{MANIFEST}"))
+        self._remember(name, manifest)
+        if run_id is not None and manifest.get("run_id") != run_id:
+            raise ForeignCheckpointError(f"{where} belongs to run {manifest.get('run_id')}, not to this run ({run_id})")
+        sizes = {self._rel(name, entry["name"]): entry["size"] for entry in manifest["files"]}
         wanted = {self._rel(name, entry["name"]): entry["name"] for entry in manifest["files"]}
+        fetched = {}
         try:
-            fetched = self.storage.get_many(list(wanted))
-        except FileNotFoundError:  # one is missing: read them one by one, so decode() names it
-            fetched = {}
-            for relative in wanted:
-                try:
-                    fetched[relative] = self.storage.get(relative)
-                except FileNotFoundError:
-                    pass
+            try:
+                fetched = self.storage.get_many(list(wanted), limits={r: size + 1 for r, size in sizes.items()})
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                for relative in wanted:  # one is missing: read them one by one, so decode() names it
+                    try:
+                        fetched[relative] = self.storage.get(relative, limit=sizes[relative] + 1)
+                    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                        pass
+        except StorageError as e:  # a link or a device where a file should be
+            raise CheckpointError(str(e)) from None
         contents = {wanted[relative]: data for relative, data in fetched.items()}
-        checkpoint = decode(name, manifest, contents, where)
-        self._manifests[name] = {"metrics": manifest.get("metrics"), "epoch_end": manifest.get("epoch_end")}
+        return self._fail_closed(where, lambda: self._verified(decode(name, manifest, contents, where), where))
+
+    def _verified(self, checkpoint: Checkpoint, where: str) -> Checkpoint:
+        if checkpoint.state.get("run_id", checkpoint.manifest.get("run_id")) != checkpoint.manifest.get("run_id"):
+            raise CheckpointError(f"{where}/state.json: its run_id differs from the manifest's")
+        if self.check_state is not None:
+            self.check_state(checkpoint, where)
         return checkpoint
 
-    def load_latest(self) -> Checkpoint | None:
-        """The newest checkpoint that counts and verifies; None for a new run.
+    @staticmethod
+    def _fail_closed(where: str, read: Callable[[], Any]) -> Any:
+        """`read()`, with whatever it raises that no check foresaw turned into a `CheckpointError`."""
+        try:
+            return read()
+        except CheckpointError:
+            raise
+        except Exception as e:  # a defect of the checkpoint all the same: skip it, never crash the reader
+            raise CheckpointError(f"{where}: unreadable ({type(e).__name__}: {e})") from e
 
-        A corrupt checkpoint is skipped with a warning naming the bad object
-        (and kept, for a person to look at). If checkpoints exist but none
-        verifies, that is an error: starting over would throw the run away.
+    def _remember(self, name: str, manifest: dict | None) -> None:
+        if manifest is None:
+            self._manifests[name] = {"metrics": None, "epoch_end": None, "run_id": None, "readable": False}
+        else:
+            self._manifests[name] = {"metrics": manifest.get("metrics"), "epoch_end": manifest.get("epoch_end"),
+                                     "run_id": manifest.get("run_id"), "readable": True}
+
+    def load_latest(self) -> Checkpoint | None:
+        """The newest checkpoint of this run that counts and verifies; None for a new run.
+
+        A damaged checkpoint (corrupt, truncated, larger than its manifest says, crafted) is
+        skipped with a warning naming the bad object, and kept for a person to look at; so is
+        one of another run (its `run_id` is not the one the run's first attempt recorded). If
+        checkpoints of this run exist but none verifies, that is an error: starting over would
+        throw the run away.
         """
         problems = []
         for _ in range(5):
             vanished = False
-            for name in self.committed():
+            records = fencing.read_records(self.storage)
+            run_id = fencing.run_identity(records)
+            for name in self._counting(self._listing()[0], records)[0]:
                 try:
-                    return self.read(name)
+                    return self.read(name, run_id)
+                except ForeignCheckpointError as e:
+                    log.warning("skipping checkpoint %s: %s; it is kept, never pruned", name, e)
                 except CheckpointError as e:
                     if not self.storage.exists(self._rel(name, MANIFEST)):
                         vanished = True  # pruned by the run while we read it: not damage; look again
@@ -225,28 +291,40 @@ class CheckpointStore:
     # -- pruning -------------------------------------------------------------------
 
     def prune(self, current_attempt: int) -> None:
-        """Apply retention, and delete what crashed older attempts left uncommitted.
+        """Apply retention, delete what superseded attempts committed after they were replaced,
+        and what crashed older attempts left uncommitted.
 
-        A checkpoint is deleted manifest first, so a half-deleted one is never
-        taken for committed. The newest committed checkpoint is never deleted.
+        Only checkpoints whose manifest reads and names this run are ever deleted: another run's,
+        or one whose manifest is damaged, is kept for a person to look at. A checkpoint is deleted
+        manifest first, so a half-deleted one is never taken for committed. The newest committed
+        checkpoint is never deleted, and an attempt that has been superseded deletes nothing.
         """
+        records = fencing.read_records(self.storage)  # every registered attempt, damaged ones too
+        if max(records, default=0) > current_attempt:
+            return  # a zombie: the attempt that replaced it decides
         listed, uncommitted = self._listing()  # one listing per commit
-        names = self._counting(listed)  # a superseded attempt's checkpoints never count towards keep_last
-        entries = []
-        for name in names:
+        counting, superseded = self._counting(listed, records)  # a superseded attempt's checkpoints never count
+        run_id = fencing.run_identity(records)
+        for name in counting + superseded:
             if name not in self._manifests:
                 try:
-                    manifest = parse_manifest(name, self.storage.get(self._rel(name, MANIFEST)), name)
-                    self._manifests[name] = {"metrics": manifest.get("metrics"), "epoch_end": manifest.get("epoch_end")}
-                except (CheckpointError, FileNotFoundError):
-                    self._manifests[name] = {"metrics": None, "epoch_end": None}
-            entries.append({"name": name, **self._manifests[name]})
+                    data = self.storage.get(self._rel(name, MANIFEST), limit=MANIFEST_LIMIT + 1)
+                    self._remember(name, parse_manifest(name, data, name))
+                except (CheckpointError, StorageError, FileNotFoundError):
+                    self._remember(name, None)
+
+        def ours(name: str) -> bool:
+            known = self._manifests[name]
+            return known["readable"] and (run_id is None or known["run_id"] == run_id)
+
+        names = [name for name in counting if ours(name)]
+        entries = [{"name": name, **self._manifests[name]} for name in names]
         kept = self.retention.kept(entries) | set(names[:1])
-        for name in names:
-            if name not in kept:
-                self.storage.remove(self._rel(name, MANIFEST))
-                self.storage.remove_tree(self._rel(name))
-                self._manifests.pop(name, None)
+        doomed = [name for name in names if name not in kept] + [name for name in superseded if ours(name)]
+        for name in doomed:
+            self.storage.remove(self._rel(name, MANIFEST))
+            self.storage.remove_tree(self._rel(name))
+            self._manifests.pop(name, None)
         for name in uncommitted:
             if parse_name(name)[2] < current_attempt:  # never a directory our own writer may be filling
                 self.storage.remove_tree(self._rel(name))

@@ -15,10 +15,10 @@ import concurrent.futures
 import logging
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from cluster_trainer.checkpoint.fencing import SupersededError
-from cluster_trainer.checkpoint.store import CheckpointStore
+from cluster_trainer.checkpoint.store import CheckpointStore, CommitReport
 from cluster_trainer.errors import CheckpointWriteError
 
 log = logging.getLogger(__name__)
@@ -36,8 +36,10 @@ class CheckpointWriter:
         'c00000001-s0000000001-a0001'
     """
 
-    def __init__(self, store: CheckpointStore, max_in_flight: int = 1):
+    def __init__(self, store: CheckpointStore, max_in_flight: int = 1,
+                 on_committed: Callable[[CommitReport], None] | None = None):
         self.store = store
+        self.on_committed = on_committed  # told what each commit wrote and took, on the writer's thread
         self._slots = threading.Semaphore(max_in_flight)
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=max_in_flight, thread_name_prefix="checkpoint")
         self._pending: list[concurrent.futures.Future] = []
@@ -59,10 +61,17 @@ class CheckpointWriter:
         future = self._executor.submit(self._commit, commit_args)
         self._pending = [f for f in self._pending if not f.done()] + [future]
 
+    def in_flight(self) -> int:
+        """Commits queued or running (called from the thread that saves)."""
+        return sum(1 for future in self._pending if not future.done())
+
     def _commit(self, commit_args: dict[str, Any]) -> None:
         try:
             self.last_committed = self.store.commit(**commit_args)
             self.last_error = None
+            report = self.store.last_commit
+            if self.on_committed is not None and report is not None and report.name == self.last_committed:
+                self.on_committed(report)
         except SupersededError as e:
             self.superseded = e
         except Exception as e:  # the store is down or full: training goes on, the next save tries again

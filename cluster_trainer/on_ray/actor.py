@@ -111,7 +111,7 @@ class TrainActor:
         from cluster_trainer.loop import train
         from cluster_trainer.preemption import notice_sources, sources_from_environment
 
-        job = job_from_spec(spec)
+        job = self._load_job(spec)
         workers = Workers(spec["cluster"]["workers"], spec["cluster"]["index"]) if spec.get("cluster") else None
         sources = [RayDrainNotice(), self._stop]
         sources += notice_sources(spec["notices"]) if spec["notices"] else sources_from_environment()
@@ -127,6 +127,10 @@ class TrainActor:
             "attempt": result.attempt, "position": position, "checkpoint": result.checkpoint,
             "history": {k: list(v) for k, v in result.history.items()},
         }
+
+    def _load_job(self, spec: dict) -> Job:
+        """The job to train (`cluster_trainer.on_ray.pool.WarmTrainActor` keeps it loaded between runs)."""
+        return job_from_spec(spec)
 
 
 def log_to_stderr() -> None:

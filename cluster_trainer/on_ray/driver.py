@@ -45,7 +45,9 @@ from cluster_trainer.job import Job, Resources
 from cluster_trainer.on_ray.actor import forwarded_env, job_spec
 from cluster_trainer.on_ray.connection import connect, disconnect
 from cluster_trainer.on_ray.group import Stopped, WorkerGroup, check_group
+from cluster_trainer.on_ray.pool import FreshActors
 from cluster_trainer.on_ray.retry import RetryPolicy
+from cluster_trainer.preemption import early_notice
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +122,7 @@ def run(
     notices: Sequence[str] | None = None,
     echo: Callable[[str], None] | None = None,
     on_progress: Callable[[], None] | None = None,
+    actors=None,
 ) -> RunOutcome:
     """Train `job` on Ray until it completes, surviving preemptions and lost nodes; resumes `storage`.
 
@@ -151,6 +154,10 @@ def run(
         on_progress: called in the driver every few seconds while an actor trains (e.g. to
             report the run's committed history to Ray Tune); whatever it raises ends the run,
             its actor killed, and propagates. Not called with `local=True`.
+        actors: where each single-worker attempt's actor comes from and goes: `acquire(options)`
+            returns one, `release(actor, healthy)` takes it back (healthy: its run finished).
+            Default `cluster_trainer.on_ray.pool.FreshActors()`, a new actor per attempt; a
+            sweep passes `WarmActors`, whose workers train one run after another.
 
     Returns a `RunOutcome`; raises `RunError` (or, with `local=True`, the loop's own errors),
     whose `exit_code` says why it stopped: 1 failed more than `max_failures` times, 2 bad input,
@@ -195,7 +202,7 @@ def run(
     retry.storage = storage
     driver = _Driver(job, storage, address=address, resources=resources, echo=echo,
                      retry=retry, local_storage=local_storage, sizes=sizes, shrink_after=shrink_after,
-                     on_progress=on_progress,
+                     on_progress=on_progress, actors=actors,
                      attempt_args={"devices": devices, "epochs": epochs, "verbose": verbose,
                                    "storage_options": dict(storage_options or {}), "notices": list(notices or [])})
     return driver.run()
@@ -215,7 +222,7 @@ def _run_here(job, storage, devices, epochs, storage_options, verbose, notices, 
 class _Driver:
     def __init__(self, job: Job, storage: str, *, address, resources: Resources, echo, retry: RetryPolicy,
                  local_storage: bool, attempt_args: dict, sizes: list[int] = (1,),
-                 shrink_after: float = SHRINK_AFTER_SECONDS, on_progress=None):
+                 shrink_after: float = SHRINK_AFTER_SECONDS, on_progress=None, actors=None):
         self.job = job
         self.storage = storage
         self.address = address
@@ -228,6 +235,7 @@ class _Driver:
         self.sizes = list(sizes)  # group sizes allowed, largest first; [1]: one actor per attempt
         self.shrink_after = shrink_after
         self.actor_options: dict = {}
+        self.actor_source = actors or FreshActors()
         self.actors = 0
         self.group_sizes: list[int] = []
         self.stop_reason: str | None = None  # set by the first Ctrl-C / SIGTERM
@@ -252,6 +260,7 @@ class _Driver:
             return
         for number in (signal.SIGINT, signal.SIGTERM):
             self._previous_handlers[number] = signal.signal(number, self._on_signal)
+        self.stop_reason = self.stop_reason or early_notice()  # a SIGTERM while the command started up
 
     def _restore_signal_handlers(self) -> None:
         for number, handler in self._previous_handlers.items():
@@ -293,6 +302,7 @@ class _Driver:
             self.actors += 1
             number = self.actors
             group = self._start_actors(number)
+            kind = None
             try:
                 kind, message, result = group.run(spec, self)
             except Stopped:
@@ -300,7 +310,7 @@ class _Driver:
                                f"{'a node' if noun == 'actor' else 'its nodes'}; nothing was trained in it. Run the "
                                "same command again to resume", EXIT_PREEMPTED) from None
             finally:
-                self._release(group)
+                self._release(group, healthy=kind == "done")
             self.group_sizes.append(group.size)
 
             if kind == "done":
@@ -317,11 +327,12 @@ class _Driver:
         """The actors of attempt `number` (created and placed by `WorkerGroup.run`): one actor, or a
         group of `self.sizes[0]` on distinct nodes. Never inside the caller's placement group (a Tune
         trial's holds only the trial's own small bundle): they ask the cluster for the job's resources."""
-        return WorkerGroup(number, self.sizes, self.actor_options, self.resources, shrink_after=self.shrink_after)
+        return WorkerGroup(number, self.sizes, self.actor_options, self.resources, shrink_after=self.shrink_after,
+                           actors=self.actor_source)
 
-    def _release(self, group: WorkerGroup) -> None:
-        """Free attempt's actors and nodes: a finished actor frees its node; a lost one is gone already."""
-        group.release()
+    def _release(self, group: WorkerGroup, healthy: bool) -> None:
+        """Free the attempt's actors and nodes (`healthy`: its run finished, so a warm actor may be kept)."""
+        group.release(healthy=healthy)
 
     def _sleep(self, seconds: float) -> None:
         end = time.monotonic() + seconds

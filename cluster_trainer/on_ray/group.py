@@ -44,7 +44,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import time
 from typing import Any, Callable, Protocol
 
@@ -52,6 +51,7 @@ from cluster_trainer.errors import ConfigError
 from cluster_trainer.job import Resources
 from cluster_trainer.on_ray import private
 from cluster_trainer.on_ray.connection import first_line
+from cluster_trainer.on_ray.pool import FreshActors, kill_actor
 
 log = logging.getLogger(__name__)
 
@@ -169,18 +169,20 @@ class WorkerGroup:
         actor_options: Ray actor options for each actor (resources, runtime_env, restarts).
         resources: the per-worker `Resources` (for the bundles and the waiting messages).
         shrink_after: seconds to wait for a placement before trying the next smaller size.
-        create_actor: makes one actor from its options (default: a new `TrainActor`).
+        actors: where a group of one gets its actor and gives it back (`acquire(options)`,
+            `release(actor, healthy)`; default `pool.FreshActors()`, a new `TrainActor`). A sweep
+            passes warm workers; the actors of a group of several are always fresh.
     """
 
     def __init__(self, number: int, sizes: list[int], actor_options: dict, resources: Resources,
-                 shrink_after: float = math.inf, create_actor: Callable[[dict], Any] | None = None):
+                 shrink_after: float = math.inf, actors=None):
         self.number = number
         self.sizes = sizes
         self.size = sizes[0]
         self.actor_options = actor_options
         self.resources = resources
         self.shrink_after = shrink_after
-        self.create_actor = create_actor or _new_train_actor
+        self.actors = actors or FreshActors()
         self.workers: list[Worker] = []
         self.placement_group = None
         self.drained: dict[str, int] = {}  # node id -> deadline_ms of the workers' nodes seen draining
@@ -196,11 +198,12 @@ class WorkerGroup:
         import ray
 
         if self.sizes == [1]:
-            self.workers = [Worker(0, self.create_actor({**self.actor_options, "scheduling_strategy": "DEFAULT"}))]
+            self.workers = [Worker(0, self.actors.acquire({**self.actor_options, "scheduling_strategy": "DEFAULT"}))]
             waiting_for = self._waiting_for
         else:
             self._reserve_nodes(control)
-            self.workers = [Worker(i, self.create_actor(self._bundle_options(i))) for i in range(self.size)]
+            fresh = FreshActors()
+            self.workers = [Worker(i, fresh.acquire(self._bundle_options(i))) for i in range(self.size)]
             waiting_for = lambda: "its actors to start on the nodes reserved for them"  # noqa: E731
         refs = [w.actor.where.remote() for w in self.workers]
         self._wait_for(refs, control, what=waiting_for)
@@ -488,28 +491,17 @@ class WorkerGroup:
 
     # -- tear down -------------------------------------------------------------------------------
 
-    def release(self) -> None:
-        """Kill every actor (a finished actor frees its node; a lost one is gone already) and free the nodes."""
-        for worker in self.workers:
-            _kill(worker.actor)
+    def release(self, healthy: bool = False) -> None:
+        """Give back a group of one's actor (`healthy`: its run finished; warm workers keep it), kill the
+        actors of a group of several (a finished actor frees its node; a lost one is gone already), and
+        free the nodes."""
+        if self.sizes == [1]:
+            for worker in self.workers:
+                self.actors.release(worker.actor, healthy=healthy)
+        else:
+            for worker in self.workers:
+                kill_actor(worker.actor)
         self._remove_placement_group()
-
-
-def _new_train_actor(options: dict):
-    import ray
-
-    from cluster_trainer.on_ray.actor import TrainActor
-
-    return ray.remote(TrainActor).options(**options).remote()
-
-
-def _kill(actor) -> None:
-    import ray
-
-    try:
-        ray.kill(actor, no_restart=True)
-    except Exception as e:  # Ray unreachable while stopping: nothing more to do about this actor here
-        log.debug("could not kill actor: %s", e)
 
 
 def _draining(node: str) -> bool:

@@ -13,11 +13,30 @@ loop runs with `handle_signals=False` in an actor and polls these instead.
 
 from __future__ import annotations
 
+import datetime
 import math
+import os
 import threading
 import time
 
 from cluster_trainer.on_ray import private
+
+# Ray drains a node that gets SIGTERM for RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S (30 s by default): a
+# drain that leaves more than this, plus twice the flush, is far enough away to train on for a while.
+DRAIN_LEAD_SECONDS = 30.0
+
+
+def drain_is_far(seconds_left: float, flush_seconds: float | None) -> bool:
+    """Whether a drain `seconds_left` away leaves time to train on before flushing.
+
+    Far: more than `DRAIN_LEAD_SECONDS` plus twice what a flush takes now. Until
+    a commit was measured nothing is far: the run flushes at once.
+
+    Example:
+        >>> drain_is_far(600, flush_seconds=2.0), drain_is_far(33, flush_seconds=2.0), drain_is_far(600, None)
+        (True, False, False)
+    """
+    return flush_seconds is not None and seconds_left > DRAIN_LEAD_SECONDS + 2 * flush_seconds
 
 
 class RayDrainNotice:
@@ -29,6 +48,12 @@ class RayDrainNotice:
     Whatever the reason of the drain, the node is going away: the loop commits
     at the next batch boundary and stops.
 
+    A drain whose deadline is far away (`drain_is_far`: beyond Ray's default
+    30 s plus twice what a flush takes, as the watcher keeps it in
+    `flush_seconds`) is first an early warning (`poll_warning()`: the run saves
+    once and trains on), and becomes the notice when the deadline comes that
+    close.
+
     Example (inside an actor):
         >>> notice = RayDrainNotice()        # doctest: +SKIP
         >>> notice.poll()                     # doctest: +SKIP
@@ -38,6 +63,10 @@ class RayDrainNotice:
         29.4
     """
 
+    window_name = "Ray's drain of a stopping node (RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S)"
+    window_fix = ("raise RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S on the Ray nodes, and the pods' "
+                  "terminationGracePeriodSeconds above it")
+
     def __init__(self, node_id: str | None = None):
         if node_id is None:
             import ray
@@ -45,14 +74,27 @@ class RayDrainNotice:
             node_id = ray.get_runtime_context().get_node_id()
         self.node_id = node_id
         self.name = f"Ray drain of node {node_id[:8]}"
+        self.window_seconds = float(os.environ.get("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S", DRAIN_LEAD_SECONDS))
+        self.flush_seconds: float | None = None  # kept up to date by the watcher
+        self._warning: str | None = None
 
     def poll(self) -> float | None:
+        self._warning = None
         deadline_ms = private.draining_nodes().get(self.node_id)
         if deadline_ms is None:
             return None
         if not deadline_ms:
             return math.inf
-        return deadline_ms / 1000.0 - time.time()
+        left = deadline_ms / 1000.0 - time.time()
+        if drain_is_far(left, self.flush_seconds):
+            when = datetime.datetime.fromtimestamp(deadline_ms / 1000.0, datetime.timezone.utc)
+            self._warning = f"node drain with a deadline at {when:%H:%M:%S} UTC"
+            return None
+        return left
+
+    def poll_warning(self) -> str | None:
+        """A drain far enough away to train on (read by the `poll()` just before)."""
+        return self._warning
 
 
 class DriverStop:

@@ -7,8 +7,13 @@ one of these breaks this file, with the message below, and nothing else.
   `{node_id_hex: deadline_ms}` with the deadline in milliseconds since the Unix epoch and
   0 for a drain without a deadline (`ray drain-node` without `--deadline-remaining-seconds`).
   Public Ray has no way to ask "is my node being drained?".
-- `ray.init(_node_ip_address=...)`: a "hidden option" of `ray.init`, to keep the embedded
-  local cluster on 127.0.0.1.
+- `ray.init(_node_ip_address=...)`: a "hidden option" of `ray.init`, and
+  `ray._private.ray_constants.ENABLE_RAY_CLUSTER`, to keep the embedded local cluster on
+  127.0.0.1: Ray turns a loopback node address into the machine's routable one
+  (`services.resolve_ip_for_localhost`) unless that flag is off, as Ray has it on macOS and
+  Windows, where it runs single-node clusters only. With the node's address 127.0.0.1, Ray's
+  servers (GCS, raylet, workers' gRPC, the dashboard agent, the runtime-env agent) listen on
+  127.0.0.1 only; without it they listen on every interface (both checked with `ss -ltnp`).
 """
 
 from __future__ import annotations
@@ -35,7 +40,17 @@ def draining_nodes() -> dict[str, int]:
 
 
 def init_local(**kwargs):
-    """Start a local Ray in this process, bound to 127.0.0.1."""
+    """Start a local Ray in this process, every one of its servers listening on 127.0.0.1 only."""
     import ray
 
-    return ray.init(address="local", _node_ip_address="127.0.0.1", **kwargs)
+    try:
+        from ray._private import ray_constants
+
+        enabled = ray_constants.ENABLE_RAY_CLUSTER
+    except (ImportError, AttributeError) as e:
+        raise _unsupported("ray._private.ray_constants.ENABLE_RAY_CLUSTER", e) from e
+    ray_constants.ENABLE_RAY_CLUSTER = False  # read when ray.init resolves the node's address
+    try:
+        return ray.init(address="local", _node_ip_address="127.0.0.1", **kwargs)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = enabled

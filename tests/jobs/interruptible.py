@@ -12,8 +12,9 @@ reference runs too, so both runs have the same callback list.
 `CT_TEST_STEP_SLEEP=<seconds>` slows every training step, to give a test time
 to act while the run is training.
 
-`CT_TEST_JOB=mlp|cnn` picks the example job; `CT_TEST_EVERY_STEPS` overrides
-its checkpoint interval.
+`CT_TEST_JOB=mlp|cnn` picks the example job (a name found in `tests/jobs/`,
+like `realistic_cnn`, picks that test job); `CT_TEST_EVERY_STEPS` overrides its
+checkpoint interval (a number, or `auto`).
 """
 
 import dataclasses
@@ -26,7 +27,9 @@ import keras
 import cluster_trainer as ct
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-base = ct.load_job(os.path.join(HERE, "..", "..", "jobs", f"{os.environ.get('CT_TEST_JOB', 'mlp')}.py"))
+_name = os.environ.get("CT_TEST_JOB", "mlp")
+_test_job = os.path.join(HERE, f"{_name}.py")
+base = ct.load_job(_test_job if os.path.isfile(_test_job) else os.path.join(HERE, "..", "..", "jobs", f"{_name}.py"))
 
 
 class PauseForKill(keras.callbacks.Callback):
@@ -49,7 +52,8 @@ class PauseForKill(keras.callbacks.Callback):
         pass
 
     def _maybe_pause(self, hook):
-        step = int(self.model.optimizer.iterations.numpy())
+        # Steps taken: with gradient accumulation, `iterations` counts updates instead.
+        step = int(getattr(self.model.optimizer, "_iterations", self.model.optimizer.iterations).numpy())
         if hook == self._notice_hook and step == self._notice_step:
             self._notice_step = None  # once, even if this step's hooks run again after a resume
             for _ in range(self._notices):
@@ -79,7 +83,7 @@ class PauseForKill(keras.callbacks.Callback):
 
 
 def callbacks(config, run):
-    others = list(base.callbacks(config, run))
+    others = dataclasses.replace(base, config=config).make_callbacks(run)
     return others + [PauseForKill(others)]
 
 
@@ -88,5 +92,6 @@ job = dataclasses.replace(
     base,
     name=f"{base.name}-test",
     callbacks=callbacks,
-    checkpoint=dataclasses.replace(base.checkpoint, every_steps=int(every)) if every else base.checkpoint,
+    checkpoint=dataclasses.replace(base.checkpoint, every_steps=every if every == "auto" else int(every))
+    if every else base.checkpoint,
 )
