@@ -15,7 +15,8 @@ $(BIN)/activate:
 
 # The extras each command installs; k8s/Dockerfile installs DEMO_EXTRAS too (a test checks).
 DEMO_EXTRAS := plot
-TEST_EXTRAS := test,plot
+# bench: tests/test_bench.py runs every benchmark at its smallest size, the multi-worker one with tf-keras.
+TEST_EXTRAS := test,plot,bench
 
 $(VENV)/.installed-demo: pyproject.toml | $(BIN)/activate
 	$(BIN)/pip install --quiet -e '.[$(DEMO_EXTRAS)]'

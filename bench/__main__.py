@@ -5,6 +5,8 @@
     python -m bench --only io --sizes 10 100 1000
     python -m bench --only preemption --state-sizes 10 100 1000 --rerun-steps 1000 5000
     python -m bench --only resume --resume-batches 1000 10000
+    python -m bench --only group-restart --repeats 5
+    python -m bench --only multiworker --widths 256 --state-sizes 10 100
     python -m bench --only cadence --cadence-kills 8 --cadence-steps 200
     python -m bench --only sweep --sweep-trials 16 --asha-trials 200
 """
@@ -13,7 +15,7 @@ import argparse
 import os
 import platform
 
-from bench import cadence, checkpoint_io, loop_overhead, preemption, resume, sweep_overhead
+from bench import cadence, checkpoint_io, group_restart, loop_overhead, multi_worker, preemption, resume, sweep_overhead
 from cluster_trainer.job import CheckpointPolicy
 
 
@@ -41,15 +43,16 @@ def run_process_benchmark(name: str, run, args, machine: str) -> dict:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=["loop", "io", "preemption", "resume", "cadence", "sweep"],
+    parser.add_argument("--only", choices=["loop", "io", "preemption", "resume", "multiworker", "group-restart",
+                                           "cadence", "sweep"],
                         help="run one benchmark")
     parser.add_argument("--epochs", type=int, default=3, help="loop: timed epochs per repetition (default 3)")
     parser.add_argument("--repeats", type=int, help="interleaved repetitions (default 8 for loop, at its first width, 3 for the others)")
     parser.add_argument("--widths", type=int, nargs="+", default=[256, 1024],
-                        help="loop: hidden units of the MLP, one table each (default 256 1024)")
+                        help="loop: hidden units of the MLP, one table each (default 256 1024); multiworker: the first")
     parser.add_argument("--sizes", type=int, nargs="+", default=[10, 100], help="io: state sizes in MB (default 10 100)")
     parser.add_argument("--state-sizes", type=int, nargs="+", default=[10, 100],
-                        help="preemption, resume: checkpoint sizes in MB (default 10 100)")
+                        help="preemption, resume, multiworker: checkpoint sizes in MB (default 10 100)")
     parser.add_argument("--rerun-steps", type=int, nargs="+", default=[200, 800],
                         help="preemption: steps per epoch of the steps-re-run runs (default 200 800)")
     parser.add_argument("--interruptions", type=int, default=5, help="preemption: interruptions per schedule (default 5)")
@@ -66,6 +69,9 @@ if __name__ == "__main__":
     parser.add_argument("--shard-mb", type=int, default=CheckpointPolicy.shard_mb,
                         help=f"preemption flush: the run's checkpoint shard size in MiB (default {CheckpointPolicy.shard_mb}, "
                              "the CheckpointPolicy default)")
+    parser.add_argument("--ray-address", metavar="HOST:PORT",
+                        help="group-restart: a running Ray cluster whose nodes have 1 CPU each, at least two "
+                             "(default: start a head without CPUs and two such nodes on 127.0.0.1)")
     parser.add_argument("--cadence-width", type=int, default=1024,
                         help="cadence: hidden units of the MLP of the steps/s comparison (default 1024)")
     parser.add_argument("--cadence-steps", type=int, default=200,
@@ -120,6 +126,10 @@ if __name__ == "__main__":
 
             plots.restarts(results["restarts"], args.plot_dir)
             plots.data(results["data"], args.plot_dir)
+    if args.only in (None, "multiworker"):
+        run_process_benchmark("multi_worker", multi_worker.run, args, machine)
+    if args.only in (None, "group-restart"):
+        run_process_benchmark("group_restart", group_restart.run, args, machine)
     if args.only in (None, "cadence"):
         run_process_benchmark("cadence", cadence.run, args, machine)
     if args.only in (None, "sweep"):

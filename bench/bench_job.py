@@ -15,6 +15,9 @@ benchmark (the benchmarks start it as a subprocess and signal that process):
     BENCH_PROGRESS     a file that gets "FIRST LAST T_FIRST" after every batch: the global step
                        before the first batch this process trained, the global step after its
                        latest batch, and the wall time (time.time()) at which the first batch ended
+    BENCH_PROGRESS_DIR the same, into DIR/<pid>.progress, one file per training process: read in the
+                       process that loads the job and carried in the job's config, so Ray actors on
+                       other nodes (which do not inherit the driver's environment) write there too
     BENCH_SIGNAL_AT    "SIGTERM:S" or "SIGKILL:S": the process signals itself right after global
                        step S, so every method of a comparison is interrupted at exactly that step
     BENCH_RAW_WRITE    "S:URI": right after global step S, encode the model's state as a checkpoint
@@ -73,9 +76,10 @@ def build_model(config):
 class Progress(keras.callbacks.Callback):
     """Reports the global step after every batch, and signals this process at BENCH_SIGNAL_AT."""
 
-    def __init__(self):
+    def __init__(self, progress_dir: str | None = None):
         super().__init__()
-        self._path = os.environ.get("BENCH_PROGRESS")
+        self._path = (os.path.join(progress_dir, f"{os.getpid()}.progress") if progress_dir
+                      else os.environ.get("BENCH_PROGRESS"))
         kind, _, step = os.environ.get("BENCH_SIGNAL_AT", ":").partition(":")
         self._signal = getattr(signal, kind) if kind else None
         self._signal_step = int(step) if step else None
@@ -124,6 +128,7 @@ class Progress(keras.callbacks.Callback):
 
 _every = os.environ.get("BENCH_EVERY_STEPS", "0")
 _every = _every if _every == "auto" else int(_every) or None
+_progress_dir = os.environ.get("BENCH_PROGRESS_DIR")
 _model = os.environ.get("BENCH_MODEL", "mlp")
 _features = FEATURES if _model == "mlp" else 1024
 _samples = env_int("BENCH_SAMPLES", 4096)
@@ -137,11 +142,11 @@ job = ct.Job(
     name="bench",
     build_model=build_model,
     train_data=_train,
-    callbacks=lambda config: [Progress()],
+    callbacks=lambda config: [Progress(config.get("progress_dir"))],
     epochs=env_int("BENCH_EPOCHS", 3),
     batch_size=env_int("BENCH_BATCH", 32),
     seed=0,
-    config={"model": _model},
+    config={"model": _model, **({"progress_dir": _progress_dir} if _progress_dir else {})},
     checkpoint=ct.CheckpointPolicy(every_steps=_every, every_epoch=bool(env_int("BENCH_EVERY_EPOCH", 0)),
                                    keep_last=2, shard_mb=env_int("BENCH_SHARD_MB", ct.CheckpointPolicy.shard_mb)),
 )

@@ -18,6 +18,12 @@ Any option it does not know is passed to `cluster-trainer run` (`--devices 2`,
 `--set lr=1e-3`). Exit status 0 means the runs are equal; 1 that they differ
 (the differences are listed).
 
+With `--workers N`, every attempt (and the reference) is N processes on
+127.0.0.1 training one run under MultiWorkerMirroredStrategy, each with its
+own `TF_CONFIG` (no Ray), and each signal goes to one worker drawn from the
+seed: a SIGTERM to any worker must stop them all with exit 75, a SIGKILL must
+make the others fail on their own, and the next attempt resumes with N again.
+
 From Python:
     >>> report = run_chaos("jobs/mlp.py", "/tmp/chaos/mlp", interruptions=10)  # doctest: +SKIP
     >>> report.ok, [i.steps_rerun for i in report.interruptions]               # doctest: +SKIP
@@ -42,6 +48,7 @@ import numpy as np
 from cluster_trainer.checkpoint import Checkpoint, CheckpointStore
 from cluster_trainer.errors import EXIT_PREEMPTED
 from cluster_trainer.storage import Storage
+from cluster_trainer.workers import Workers, loopback_addresses
 
 WRAPPER_JOB = str(Path(__file__).with_name("chaos_job.py"))
 # Training runs in the subprocess itself, not in a Ray actor: the harness signals that process.
@@ -54,6 +61,7 @@ class Interruption:
     number: int
     signal: str  # "SIGTERM" or "SIGKILL"
     aimed_at: int  # the global step after which the signal was due
+    worker: int  # the worker that got the signal (0 when there is one)
     reached: int  # the last step the process finished before it died
     committed: int  # the global step of the newest committed checkpoint afterwards
     exit_code: int | None
@@ -76,17 +84,21 @@ class ChaosReport:
     differences: list[str]
     epoch_rows: int
     step_rows: int
+    workers: int = 1
 
     @property
     def ok(self) -> bool:
         return not self.differences
 
     def summary(self) -> str:
+        several = self.workers > 1
         lines = [f"chaos: {len(self.interruptions)} interruptions of {self.job} (seed {self.seed}), "
-                 f"{self.total_steps} steps; run {self.uri}, reference {self.reference_uri}",
-                 "   #  signal   aimed at  reached  committed  re-run  exit  mid-upload"]
+                 f"{self.total_steps} steps" + (f" on {self.workers} workers" if several else "")
+                 + f"; run {self.uri}, reference {self.reference_uri}",
+                 "   #  signal  " + (" worker  " if several else "") + " aimed at  reached  committed  re-run  exit  mid-upload"]
         for i in self.interruptions:
-            lines.append(f"  {i.number:2d}  {i.signal:7s}  {i.aimed_at:8d}  {i.reached:7d}  {i.committed:9d}  "
+            lines.append(f"  {i.number:2d}  {i.signal:7s}  " + (f"{i.worker:6d}  " if several else "")
+                         + f"{i.aimed_at:8d}  {i.reached:7d}  {i.committed:9d}  "
                          f"{i.steps_rerun:6d}  {i.exit_code if i.exit_code is not None else '-':>4}  "
                          f"{'yes' if i.torn else ''}")
         for kind in ("SIGTERM", "SIGKILL"):
@@ -115,6 +127,7 @@ def run_chaos(
     run_args: Sequence[str] = (),
     env: dict[str, str] | None = None,
     echo: Callable[[str], None] = lambda message: print(f"chaos: {message}", file=sys.stderr, flush=True),
+    workers: int = 1,
 ) -> ChaosReport:
     """Train `job_path` at `uri` with `interruptions` seeded SIGTERMs/SIGKILLs; compare with a clean run.
 
@@ -130,6 +143,8 @@ def run_chaos(
         history_every_steps: log history rows every N steps in both runs, to check them too.
         run_args: more `cluster-trainer run` options (`--devices 2`, `--set lr=1e-3`).
         env: environment for the training processes (default: this one).
+        workers: processes per attempt, training together under MultiWorkerMirroredStrategy on
+            127.0.0.1; each signal goes to one of them, drawn from `seed`.
     """
     reference_uri = reference_uri or f"{uri.rstrip('/')}-reference"
     rng = random.Random(seed)
@@ -139,7 +154,7 @@ def run_chaos(
         base_env["CLUSTER_TRAINER_CHAOS_EVERY_STEPS"] = str(every_steps)
     if history_every_steps:
         base_env["CLUSTER_TRAINER_CHAOS_HISTORY_STEPS"] = str(history_every_steps)
-    runner = _Runner(work, base_env, list(run_args), echo)
+    runner = _Runner(work, base_env, list(run_args), echo, workers)
 
     reference = _newest(reference_uri)
     if reference is None or not reference.state["position"]["finished"]:
@@ -170,7 +185,8 @@ def run_chaos(
                 delay = rng.uniform(0.0, 0.05)
             else:
                 delay = rng.uniform(0.0, 0.3)
-        result = runner.interrupt(uri, number, kind, max(target, committed + 1), delay)
+        victim = rng.randrange(workers)
+        result = runner.interrupt(uri, number, kind, max(target, committed + 1), delay, victim)
         if result is None:  # it finished before the signal was due
             echo(f"attempt {number} finished before step {target}")
             break
@@ -178,7 +194,8 @@ def run_chaos(
         committed = newest.state["position"]["global_step"] if newest else 0
         result.committed = committed
         done.append(result)
-        echo(f"#{number}: {kind} after step {result.reached} (aimed at {target}), exit {result.exit_code}; "
+        to = f" to worker {victim}" if workers > 1 else ""
+        echo(f"#{number}: {kind}{to} after step {result.reached} (aimed at {target}), exit {result.exit_code}; "
              f"committed at step {committed}, {result.steps_rerun} step(s) to re-run"
              + ("; a checkpoint was left half-written" if result.torn else ""))
     final = _newest(uri)
@@ -190,64 +207,81 @@ def run_chaos(
     history_differences, epoch_rows, step_rows = compare_histories(reference_uri, uri)
     return ChaosReport(
         job=job_path, uri=uri, reference_uri=reference_uri, seed=seed, total_steps=total, interruptions=done,
-        differences=differences + history_differences, epoch_rows=epoch_rows, step_rows=step_rows,
+        differences=differences + history_differences, epoch_rows=epoch_rows, step_rows=step_rows, workers=workers,
     )
 
 
 class _Runner:
-    """Starts `cluster-trainer run` subprocesses of the wrapper job and interrupts them."""
+    """Starts `cluster-trainer run` subprocesses of the wrapper job (one per worker) and interrupts them."""
 
-    def __init__(self, work: Path, env: dict[str, str], run_args: list[str], echo):
+    def __init__(self, work: Path, env: dict[str, str], run_args: list[str], echo, workers: int = 1):
         self.work = work
         self.env = env
         self.run_args = run_args
         self.echo = echo
+        self.workers = workers
 
-    def _start(self, uri: str, name: str) -> tuple[subprocess.Popen, Path, Path]:
-        progress = self.work / f"{name}.progress"
-        progress.unlink(missing_ok=True)
-        log = self.work / f"{name}.log"
+    def _start(self, uri: str, name: str) -> tuple[list[subprocess.Popen], Path, Path]:
+        """The attempt's processes, worker 0's progress file (the workers step together) and its log."""
         command = [sys.executable, "-m", "cluster_trainer", "run", WRAPPER_JOB, "--storage", uri, "--verbose", "0",
                    *RUN_IN_PROCESS, *self.run_args]
-        with open(log, "w") as sink:  # a file, not a pipe: a full pipe would block the child
-            process = subprocess.Popen(command, env={**self.env, "CLUSTER_TRAINER_CHAOS_PROGRESS": str(progress)},
-                                       stdout=sink, stderr=subprocess.STDOUT)
-        return process, progress, log
+        addresses = loopback_addresses(self.workers)
+        processes, progresses, logs = [], [], []
+        for index in range(self.workers):
+            suffix = f"-w{index}" if self.workers > 1 else ""
+            progress, log = self.work / f"{name}{suffix}.progress", self.work / f"{name}{suffix}.log"
+            progress.unlink(missing_ok=True)
+            env = {**self.env, "CLUSTER_TRAINER_CHAOS_PROGRESS": str(progress)}
+            if self.workers > 1:
+                env["TF_CONFIG"] = Workers(addresses, index).tf_config()
+            with open(log, "w") as sink:  # a file, not a pipe: a full pipe would block the child
+                processes.append(subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT))
+            progresses.append(progress)
+            logs.append(log)
+        return processes, progresses[0], logs[0]
 
     def run_to_end(self, uri: str, name: str) -> None:
-        process, _, log = self._start(uri, name)
+        processes, _, log = self._start(uri, name)
         try:
-            code = process.wait()
+            codes = [process.wait() for process in processes]
         finally:
-            _stop(process)
-        if code != 0:
-            raise RuntimeError(f"the {name} run failed (exit {code}); its output ends:\n{_tail(log)}")
+            for process in processes:
+                _stop(process)
+        if any(codes):
+            raise RuntimeError(f"the {name} run failed (exit {codes if self.workers > 1 else codes[0]}); "
+                               f"its output ends:\n{_tail(log)}")
 
-    def interrupt(self, uri: str, number: int, kind: str, target: int, delay: float) -> Interruption | None:
+    def interrupt(self, uri: str, number: int, kind: str, target: int, delay: float,
+                  victim: int = 0) -> Interruption | None:
         before = set(_uncommitted(uri))
-        process, progress, log = self._start(uri, f"attempt-{number}")
+        processes, progress, log = self._start(uri, f"attempt-{number}")
+        grace = float(self.env.get("CLUSTER_TRAINER_GRACE_SECONDS", 30))
         try:
             deadline = time.monotonic() + START_TIMEOUT
             while _read_step(progress) < target:
-                if process.poll() is not None:
-                    if process.returncode == 0:
+                ended = [p.returncode for p in processes if p.poll() is not None]
+                if ended:
+                    if not any(ended) and len(ended) == len(processes):
                         return None
-                    raise RuntimeError(f"attempt {number} exited ({process.returncode}) before step {target}:\n{_tail(log)}")
+                    if any(ended):
+                        raise RuntimeError(f"attempt {number} exited ({ended}) before step {target}:\n{_tail(log)}")
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"attempt {number} did not reach step {target} in {START_TIMEOUT:.0f}s:\n{_tail(log)}")
                 time.sleep(0.005)
             time.sleep(delay)
-            process.send_signal(signal.SIGTERM if kind == "SIGTERM" else signal.SIGKILL)
+            processes[victim].send_signal(signal.SIGTERM if kind == "SIGTERM" else signal.SIGKILL)
             try:
-                code = process.wait(timeout=float(self.env.get("CLUSTER_TRAINER_GRACE_SECONDS", 30)) + 60)
+                # The others stop too: on the same notice, or failing once their peer is gone.
+                codes = [process.wait(timeout=grace + 60) for process in processes]
             except subprocess.TimeoutExpired:
                 raise RuntimeError(f"attempt {number} did not exit after {kind}:\n{_tail(log)}") from None
         finally:
-            _stop(process)
-        if kind == "SIGTERM" and code != EXIT_PREEMPTED:
-            raise RuntimeError(f"attempt {number} exited {code} after SIGTERM, not {EXIT_PREEMPTED}:\n{_tail(log)}")
-        return Interruption(number=number, signal=kind, aimed_at=target, reached=_read_step(progress), committed=0,
-                            exit_code=code, torn=bool(set(_uncommitted(uri)) - before))
+            for process in processes:
+                _stop(process)
+        if kind == "SIGTERM" and any(code != EXIT_PREEMPTED for code in codes):
+            raise RuntimeError(f"attempt {number} exited {codes} after SIGTERM, not {EXIT_PREEMPTED}:\n{_tail(log)}")
+        return Interruption(number=number, signal=kind, aimed_at=target, worker=victim, reached=_read_step(progress),
+                            committed=0, exit_code=codes[victim], torn=bool(set(_uncommitted(uri)) - before))
 
 
 def _stop(process: subprocess.Popen) -> None:
@@ -388,14 +422,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help='override the job\'s checkpoint interval: a number of steps, or "auto"')
     parser.add_argument("--history-every-steps", type=int, default=4, metavar="N",
                         help="log history rows every N steps in both runs, to check them too (default 4; 0: off)")
+    parser.add_argument("--workers", type=int, default=1, metavar="N",
+                        help="train every attempt as N worker processes on 127.0.0.1 under MultiWorkerMirroredStrategy "
+                             "(no Ray); each signal goes to one worker (default 1)")
     args, run_args = parser.parse_known_args(argv)
-    if args.interruptions < 1 or not 0 <= args.sigkill_share <= 1:
-        parser.error("--interruptions must be >= 1 and --sigkill-share within [0, 1]")
+    if args.interruptions < 1 or not 0 <= args.sigkill_share <= 1 or args.workers < 1:
+        parser.error("--interruptions and --workers must be >= 1 and --sigkill-share within [0, 1]")
     try:
         report = run_chaos(
             args.job, args.storage, interruptions=args.interruptions, seed=args.seed, sigkill_share=args.sigkill_share,
             reference_uri=args.reference, every_steps=args.every_steps,
-            history_every_steps=args.history_every_steps or None, run_args=run_args,
+            history_every_steps=args.history_every_steps or None, run_args=run_args, workers=args.workers,
         )
     except RuntimeError as e:
         print(f"chaos: error: {e}", file=sys.stderr)

@@ -220,6 +220,16 @@ def _add_ray_options(group, single_run: bool) -> None:
         group.add_argument("--max-preemptions", type=int, metavar="N",
                            help="preemptions (a drained node, a preempted actor) retried before stopping with exit "
                                 "code 75 (default: no limit)")
+    group.add_argument("--workers", type=int, metavar="N",
+                       help="train on N nodes at once: N actors on distinct nodes (a placement group) under "
+                            "MultiWorkerMirroredStrategy, the global batch split over all their replicas, worker 0 "
+                            "alone writing to storage; the resources below are per worker (default 1: one actor)")
+    if single_run:
+        group.add_argument("--min-workers", type=int, metavar="M",
+                           help="when N nodes are not free for --shrink-after seconds, start with fewer workers, "
+                                "down to M, keeping the global batch (default: N, always wait for all)")
+        group.add_argument("--shrink-after", type=float, default=300.0, metavar="SECONDS",
+                           help="how long a group waits for its N nodes before trying fewer (default 300)")
     group.add_argument("--num-cpus", type=float, metavar="N", help="CPUs each actor asks for (default: the job's, 1)")
     group.add_argument("--num-gpus", type=float, metavar="N",
                        help="GPUs each actor asks for; MirroredStrategy runs over them (default: the job's, 0)")
@@ -302,7 +312,8 @@ def _check_run_flags(args) -> None:
         ray_only = [flag for flag, value in (
             ("--ray-address", args.ray_address), ("--num-cpus", args.num_cpus), ("--num-gpus", args.num_gpus),
             ("--resource", args.ray_resources), ("--label-selector", args.label_selectors),
-            ("--max-preemptions", args.max_preemptions)) if value]
+            ("--max-preemptions", args.max_preemptions), ("--workers", args.workers),
+            ("--min-workers", args.min_workers)) if value]
         if ray_only:
             raise ClusterTrainerError(f"{ray_only[0]} applies to runs on Ray: leave out --no-ray, or drop {ray_only[0]}")
     if args.notices:
@@ -334,7 +345,8 @@ def _run(args) -> int:
     outcome = run(
         job, args.storage, address=args.ray_address, devices=args.devices, epochs=args.epochs,
         resources=_resources(args, job.resources), max_failures=args.max_failures,
-        max_preemptions=args.max_preemptions, storage_options=_storage_options(args), verbose=verbose,
+        max_preemptions=args.max_preemptions, workers=args.workers or 1, min_workers=args.min_workers,
+        shrink_after=args.shrink_after, storage_options=_storage_options(args), verbose=verbose,
         notices=args.notices or None,
     )
     print(f"cluster-trainer: {outcome.summary()}", file=sys.stderr)
@@ -361,6 +373,7 @@ def _sweep(args) -> int:
         scheduler=args.scheduler, grace_period=args.grace_period, max_concurrent=args.max_concurrent,
         resources=_resources(args, job.resources), devices=args.devices, epochs=args.epochs,
         max_failures=args.max_failures, address=args.ray_address, storage_options=_storage_options(args),
+        workers=args.workers or 1,
     )
     print(table.to_string(index=False))
     return EXIT_OK
@@ -521,14 +534,28 @@ def entry_point() -> None:
     after the commit (16 s once, on a loaded machine). `main` keeps the
     preemption's traceback, so those threads are not torn down on the way here
     either (that alone took 1-3 s for a 100 MB model).
+
+    A worker of a multi-worker run (TF_CONFIG naming several) leaves at once too,
+    whatever its exit code: otherwise TensorFlow's coordination service holds the
+    exit at a shutdown barrier until every worker reaches it, or until its timeout
+    when one is gone.
     """
     code = main()
-    if code == EXIT_PREEMPTED:
+    if code == EXIT_PREEMPTED or _several_workers():
         sys.stdout.flush()
         sys.stderr.flush()
         logging.shutdown()
         os._exit(code)
     sys.exit(code)
+
+
+def _several_workers() -> bool:
+    from cluster_trainer.workers import Workers
+
+    try:
+        return Workers.from_tf_config() is not None
+    except ClusterTrainerError:
+        return False
 
 
 if __name__ == "__main__":

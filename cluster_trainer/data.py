@@ -14,6 +14,12 @@ any batch:
   that takes a `skip` argument, `fn(epoch, seed, skip)`, is given that count
   instead and skips where it is cheap: after the shuffle, before the parse
   (`map`), so the skipped records are read but not decoded.
+
+On several workers each worker builds the same global batches and feeds its
+own replicas their part of each (`replica_batches`), so a batch and a
+position mean what they mean in one process. A builder's pipeline therefore
+runs in full on every worker: each reads and decodes every example, and keeps
+its share.
 - `DatasetObjectSource` (a `tf.data.Dataset` itself, what users pass to
   `fit`): its order must be the same each time it is iterated, which is read
   from its graph (a `shuffle` that reshuffles each iteration, or has no seed,
@@ -39,7 +45,7 @@ import functools
 import inspect
 import math
 import types
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import keras
 import numpy as np
@@ -156,6 +162,45 @@ class DatasetSource(_Lifecycle):
         if skip and not self.skips_itself:
             dataset = dataset.skip(skip)
         return with_class_weight(dataset.batch(batch_size), self.class_weight)
+
+
+def replica_batches(global_batches: tf.data.Dataset, replicas: int, replica_ids: Sequence[int]) -> tf.data.Dataset:
+    """The parts of every global batch that go to `replica_ids` (of `replicas` in all), one element per
+    replica and global batch: what a worker of a multi-worker run feeds its own replicas.
+
+    The split is MirroredStrategy's, so that step `k` trains each replica on the same examples
+    whatever the number of workers: a global batch of `n` examples gives each replica
+    `ceil(n / replicas)` consecutive examples in replica order, the last replicas fewer, or none
+    (an empty batch) when `n` is small (the last batch of an epoch).
+
+    Example:
+        >>> batches = tf.data.Dataset.range(10).batch(8)   # a full global batch of 8, then 2 examples
+        >>> [b.numpy().tolist() for b in replica_batches(batches, replicas=4, replica_ids=[2, 3])]
+        [[4, 5], [6, 7], [], []]
+    """
+    return global_batches.flat_map(_replica_parts(replicas, tuple(replica_ids)))
+
+
+@functools.lru_cache(maxsize=16)
+def _replica_parts(replicas: int, replica_ids: tuple[int, ...]):
+    """`replica_batches`'s split as one `tf.function`: a dataset built each epoch looks its trace up
+    instead of tracing the split again (about a second per epoch on a busy 2-core machine)."""
+    ids = tf.constant(replica_ids, tf.int64)
+
+    @tf.function(autograph=False)
+    def parts(*batch):
+        batch = batch[0] if len(batch) == 1 else batch
+        size = tf.shape(tf.nest.flatten(batch)[0], out_type=tf.int64)[0]
+        each = (size + replicas - 1) // replicas
+
+        def part(replica):
+            start = tf.minimum(replica * each, size)
+            end = tf.minimum(start + each, size)
+            return tf.nest.map_structure(lambda t: t[start:end], batch)
+
+        return tf.data.Dataset.from_tensor_slices(ids).map(part)
+
+    return parts
 
 
 class DatasetObjectSource(_Lifecycle):

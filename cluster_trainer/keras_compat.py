@@ -26,6 +26,17 @@ What is used, and why:
   copies differ (as they do in `fit`).
 - `CallbackList._flush_futures`: Keras runs batch-end callbacks asynchronously
   for some callbacks; their state is read only once they have run.
+- `keras.src.backend.tensorflow.trainer.reduce_per_replica`: under a
+  multi-worker strategy Keras reduces the step's scalar outputs with
+  `strategy.reduce("MEAN", v, axis=0)`, which TensorFlow rejects for a 0-d
+  tensor (keras-team/keras#20585); `fix_multi_worker_step_reduction` makes
+  that reduction `axis=None`, the mean over replicas that Keras computes on a
+  single worker, of all the step's scalars in one all-reduce that also carries
+  the workers' votes (`cluster_trainer.agreement`).
+- `CollectiveAllReduceExtended._initialize_local_devices`: a multi-worker
+  strategy takes every local GPU, or exactly one CPU;
+  `multi_worker_strategy` hands it N logical CPU devices per worker instead,
+  so a machine without GPUs runs N replicas as `--devices N` does on one.
 - `keras.src.backend.common.global_state.GLOBAL_STATE_TRACKER` and the module
   settings of `keras.src.backend.config`: what a process that trains one run
   after another (a warm sweep worker) snapshots and puts back between runs, so
@@ -54,11 +65,13 @@ What is used, and why:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import types
 
 import tensorflow as tf
+from tensorflow.python.distribute import collective_all_reduce_strategy as tf_collective_strategy
 from tensorflow.python.distribute import values as tf_distribute_values
 
 from cluster_trainer.errors import ClusterTrainerError
@@ -167,6 +180,112 @@ def flush_async_callbacks(callbacks) -> None:
         flush()
 
 
+STEP_VOTES = "cluster_trainer_votes"  # the key under which a step returns the workers' votes
+
+# The vote table of this process's group (a process joins one multi-worker run: TensorFlow's
+# collectives are configured once) and the replica that contributes this worker's row.
+_step_votes: dict = {}
+
+
+def fix_multi_worker_step_reduction(votes: tf.Variable | None = None, voting_replica: int = 0) -> None:
+    """Make Keras's compiled steps reduce their scalar outputs over every worker's replicas.
+
+    Keras 3.15's `reduce_per_replica` calls `strategy.reduce("MEAN", v, axis=0)` under a
+    multi-worker strategy, and TensorFlow refuses axis 0 for the step's scalar losses and
+    metrics. The replacement reduces the float32 scalars with `axis=None` (the mean over
+    replicas, as Keras computes on one worker), all of them packed into one all-reduce, and
+    hands everything else to Keras's own function.
+
+    With `votes` (a float32 `[workers, fields]` variable holding this worker's row, zeros
+    elsewhere), the same all-reduce carries the sum of every worker's variable as it was when
+    the step began, returned in the step's logs under `STEP_VOTES`: the workers learn each
+    other's votes at no extra collective. It takes effect for steps made after the call.
+    """
+    from keras.src import tree
+    from keras.src.backend.tensorflow import trainer
+
+    original = getattr(trainer, "reduce_per_replica", None)
+    if original is None or not hasattr(trainer, "_collective_all_reduce_multi_worker"):
+        raise ClusterTrainerError(
+            "this Keras has no keras.src.backend.tensorflow.trainer.reduce_per_replica to fix for multi-worker "
+            f"runs (checked on Keras {CHECKED_ON['keras']}.x): install keras=={CHECKED_ON['keras']}.*"
+        )
+    if votes is not None:
+        _step_votes.update(variable=votes, replica=voting_replica)
+    if getattr(original, "fixes_multi_worker_scalars", False):
+        return
+
+    def reduce_per_replica(values, strategy, reduction):
+        if reduction not in ("auto", "mean") or not trainer._collective_all_reduce_multi_worker(strategy):
+            return original(values, strategy, reduction)
+
+        def local(value):
+            return strategy.experimental_local_results(value)[0]
+
+        def reduce(value):
+            if local(value).shape.rank == 0:
+                return strategy.reduce("MEAN", value, axis=None)
+            return original(value, strategy, reduction)
+
+        if not isinstance(values, dict):
+            return tree.map_structure(reduce, values)
+        packed = [k for k, v in values.items() if local(v).shape.rank == 0 and local(v).dtype == tf.float32]
+        outputs = {k: reduce(v) for k, v in values.items() if k not in packed}
+        votes = _step_votes.get("variable")
+        replicas = strategy.num_replicas_in_sync
+
+        def pack(*scalars):
+            parts = [tf.stack(scalars)] if scalars else []
+            if votes is not None:
+                context = tf.distribute.get_replica_context()
+                mine = tf.cast(tf.equal(context.replica_id_in_sync_group, _step_votes["replica"]), tf.float32)
+                # Read once the step's results exist, so that a vote cast during the step rides it.
+                with tf.control_dependencies(scalars):
+                    row = votes.read_value()
+                # The mean over replicas of (row * replicas) on one replica per worker: every worker's row.
+                parts.append(tf.reshape(row * (mine * replicas), [-1]))
+            return tf.concat(parts, 0)
+
+        if packed or votes is not None:
+            means = strategy.reduce("MEAN", strategy.run(pack, args=tuple(values[k] for k in packed)), axis=None)
+            outputs.update({k: means[i] for i, k in enumerate(packed)})
+            if votes is not None:
+                outputs[STEP_VOTES] = tf.reshape(means[len(packed):], votes.shape)
+        return {k: outputs[k] for k in (*values, STEP_VOTES) if k in outputs}  # Keras's order of logs
+
+    reduce_per_replica.fixes_multi_worker_scalars = True
+    trainer.reduce_per_replica = reduce_per_replica
+
+
+def multi_worker_strategy(cluster_resolver, cpu_devices: int, communication_options):
+    """A MultiWorkerMirroredStrategy with `cpu_devices` logical CPU devices on this worker, one replica each.
+
+    TensorFlow gives a multi-worker strategy every GPU, or exactly one CPU, per worker.
+    The logical devices must exist already (`tf.config.set_logical_device_configuration`),
+    and this must run before TensorFlow's context is initialised.
+    """
+    cls = tf_collective_strategy.CollectiveAllReduceExtended
+    if not hasattr(cls, "_initialize_local_devices"):
+        raise ClusterTrainerError(
+            f"this TensorFlow cannot run several CPU devices per worker (checked on TensorFlow "
+            f"{CHECKED_ON['tensorflow']}.x): install tensorflow=={CHECKED_ON['tensorflow']}.*, or use one device per worker"
+        )
+
+    def local_devices(self, resolver, worker_device):
+        return tuple(f"{worker_device}/device:CPU:{i}" for i in range(cpu_devices)), "CPU"
+
+    with _replaced(cls, "_initialize_local_devices", local_devices):
+        return tf.distribute.MultiWorkerMirroredStrategy(cluster_resolver, communication_options)
+
+
+@contextlib.contextmanager
+def _replaced(owner, name: str, value):
+    original = getattr(owner, name)
+    setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
 # -- a process that trains one run after another (warm sweep workers) -----------------------------
 
 # Keras settings kept as module globals of keras.src.backend.config, each with its public getter and setter.

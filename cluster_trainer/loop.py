@@ -14,6 +14,12 @@ checkpoint, so the resumed process calls neither again (the progress bar alone
 is re-initialised), restores model, optimizer, metric and callback state, and
 feeds batch `b` next. When `b` is the epoch's last batch, the next thing run is
 validation.
+
+On several workers (MultiWorkerMirroredStrategy) every worker runs this loop
+on the same job: each feeds its own replicas their part of every global batch,
+takes the decisions it cannot take alone at agreement points
+(`cluster_trainer.agreement`), and joins every checkpoint's capture; the chief
+(worker 0) alone registers the attempt and writes.
 """
 
 from __future__ import annotations
@@ -31,15 +37,20 @@ import keras
 import tensorflow as tf
 
 from cluster_trainer import callback_state, keras_compat, run_state
+from cluster_trainer.agreement import PEER_LOST_ERRORS, Agreement, Group, Vote, WorkerLostError, peer_lost_reason
 from cluster_trainer.cadence import Cadence
-from cluster_trainer.checkpoint import Checkpoint, CheckpointStore, CheckpointWriter, register_attempt
-from cluster_trainer.data import as_source
+from cluster_trainer.checkpoint import (
+    Checkpoint, CheckpointStore, CheckpointWriter, SupersededError, checkpoint_name, register_attempt,
+)
+from cluster_trainer.checkpoint.format import parse_name
+from cluster_trainer.data import as_source, replica_batches
 from cluster_trainer.deadlines import late_notice_warning, notice_windows
-from cluster_trainer.devices import enable_determinism, make_strategy
-from cluster_trainer.errors import CheckpointError, ClusterTrainerError, JobError, StateMismatchError
+from cluster_trainer.devices import enable_determinism, make_strategy, on_several_workers
+from cluster_trainer.errors import CheckpointError, ClusterTrainerError, ConfigError, JobError, StateMismatchError
 from cluster_trainer.history import HistoryRecorder
 from cluster_trainer.job import Job, RunContext
 from cluster_trainer.preemption import (
+    Notice,
     NoticeSource,
     PreemptedError,
     PreemptionWatcher,
@@ -53,9 +64,11 @@ from cluster_trainer.state import (
     prepare_capture,
     restore_model_state,
     restore_rng_state,
+    take_part_in_capture,
 )
 from cluster_trainer.run_files import RunFiles
 from cluster_trainer.storage import Storage, disk_error
+from cluster_trainer.workers import Workers
 
 log = logging.getLogger(__name__)
 
@@ -105,8 +118,12 @@ def train(
     echo: Callable[[str], None] | None = None,
     notice_sources: Sequence[NoticeSource] | None = None,
     handle_signals: bool = True,
+    workers: Workers | None = None,
 ) -> RunResult:
     """Run `job` to the end, storing checkpoints under `storage`; resume if it holds one.
+
+    In a multi-worker run every worker calls `train` with the same job and storage and its
+    own `workers.index`; each returns a `RunResult`, and worker 0 (the chief) alone writes.
 
     Args:
         job: the `Job`.
@@ -121,6 +138,9 @@ def train(
         notice_sources: polled preemption notice sources (default: those named in
             `CLUSTER_TRAINER_NOTICE`, e.g. "gce"); see `cluster_trainer.preemption`.
         handle_signals: treat SIGTERM/SIGINT as preemption notices (main thread only).
+        workers: this process's place in a multi-worker run (`Workers(addresses, index)`), trained
+            under MultiWorkerMirroredStrategy with `devices` replicas on each worker. Default: the
+            workers `TF_CONFIG` names, when it names more than one; else a run in this process.
 
     Example:
         >>> result = train(load_job("jobs/mlp.py"), "runs/mlp")   # doctest: +SKIP
@@ -128,6 +148,8 @@ def train(
     """
     echo = echo or (lambda message: print(f"cluster-trainer: {message}", file=sys.stderr, flush=True))
     keras_compat.check_versions()
+    if workers is None and strategy is None:
+        workers = Workers.from_tf_config()
     if epochs is not None:
         job = dataclasses.replace(job, epochs=epochs)
     if verbose == "auto":
@@ -137,14 +159,30 @@ def train(
     policy = job.checkpoint
     store = CheckpointStore(run_storage, policy.retention(), shard_bytes=policy.shard_mb * 2**20,
                             check_state=run_state.check)
-    strategy = strategy or make_strategy(devices)
-    resume = store.load_latest()
+    strategy = strategy or make_strategy(devices, workers)
+    if workers is None and on_several_workers(strategy):  # a MultiWorkerMirroredStrategy the caller made
+        resolver = strategy.cluster_resolver
+        workers = Workers(resolver.cluster_spec().as_dict()["worker"], resolver.task_id)
+    group = Group(strategy, workers)
+    if group.multi_worker:
+        keras_compat.fix_multi_worker_step_reduction()
+        echo = (lambda message, echo=echo: echo(f"worker {group.index}: {message}"))
+    resume = _agreed_resume(group, store)
     if notice_sources is None:
         notice_sources = sources_from_environment()
-    run = _Run(job, store, strategy, resume, verbose, echo, PreemptionWatcher(notice_sources))
+    run = _Run(job, store, strategy, resume, verbose, echo, PreemptionWatcher(notice_sources), group)
+    # A notice is cast at once, so that the step in flight can carry it to the other workers.
+    run.preemption.listeners.append(lambda notice: group.cast(run._vote()))
     run.preemption.start(handle_signals=handle_signals)
     try:
         return run.run()
+    except PEER_LOST_ERRORS as e:
+        if not group.multi_worker:
+            raise
+        raise WorkerLostError(
+            f"worker {group.index} lost the rest of its group ({type(e).__name__}: {peer_lost_reason(e)}); "
+            "start every worker again: the run resumes from its last commit"
+        ) from e
     except Exception as e:  # a full or read-only disk, wherever it was written (a callback's file, a checkpoint)
         translated = None if isinstance(e, ClusterTrainerError) else disk_error(e)
         if translated is None:
@@ -157,6 +195,20 @@ def train(
         for source in (getattr(run, "train_source", None), getattr(run, "val_source", None)):
             if source is not None:
                 source.stop()  # a PyDataset's workers, when the run ended mid-pass
+
+
+def _agreed_resume(group: Group, store: CheckpointStore) -> Checkpoint | None:
+    """The checkpoint every worker resumes from: the one the chief chose (None for a new run)."""
+    chosen: list[Checkpoint | None] = []
+
+    def choose() -> tuple[int, int, int]:
+        chosen.append(store.load_latest())
+        return (chosen[0].sequence, chosen[0].step, chosen[0].attempt) if chosen[0] else (0, 0, 0)
+
+    sequence, step, attempt = (int(v) for v in group.from_chief(choose, 3))
+    if group.is_chief:
+        return chosen[0]
+    return store.read(checkpoint_name(sequence, step, attempt)) if sequence else None
 
 
 def build_compiled_model(job: Job, strategy: tf.distribute.Strategy, train_source) -> keras.Model:
@@ -186,8 +238,9 @@ def build_compiled_model(job: Job, strategy: tf.distribute.Strategy, train_sourc
 
 class _Run:
     def __init__(self, job: Job, store: CheckpointStore, strategy, resume: Checkpoint | None, verbose, echo,
-                 preemption: PreemptionWatcher):
+                 preemption: PreemptionWatcher, group: Group):
         self.job = job
+        self.group = group
         self.store = store
         self.strategy = strategy
         self.resume = resume
@@ -205,9 +258,12 @@ class _Run:
         self.writer = CheckpointWriter(store, max_in_flight=job.checkpoint.max_in_flight,
                                        on_committed=self.cadence.committed)
         self.writer.last_committed = resume.name if resume else None
-        self.files = RunFiles(store.storage)
+        self.files = RunFiles(store.storage, private=not group.is_chief)  # another worker's files are not the run's
+        self.sequence = 0  # the chief's commits: numbered once registered
         # One id for all attempts: the resumed checkpoint's, or the one the run's first attempt recorded.
         self.run_id = (resume.state.get("run_id") if resume else None) or store.run_id() or uuid.uuid4().hex
+        self._wants_commit = False  # on several workers: this worker's commit request, carried by the next step
+        self._early_warnings: list = []  # on several workers: early warnings waiting for the commit they asked for
         self.preemption = preemption
 
     # -- set-up ------------------------------------------------------------
@@ -282,7 +338,14 @@ class _Run:
         A `final_flush` (preemption: training stops here) takes the variables without a copy of
         their own and leaves pruning old checkpoints to the next attempt. `early`: a save on an
         early warning.
+
+        Every worker calls it at the same step: the chief's capture gathers every
+        worker's per-replica metric parts and layer state. The others store nothing, and
+        neither does a superseded chief of several workers (the next agreement stops them all).
         """
+        if not self.group.is_chief or (self.group.multi_worker and self.writer.superseded is not None):
+            take_part_in_capture(self.model)
+            return
         save_started = time.perf_counter()  # what the save costs the training thread, for the cadence
         keras_compat.flush_async_callbacks(self.callbacks)  # their state is read below
         copy_started = time.perf_counter()
@@ -299,6 +362,7 @@ class _Run:
             "callbacks": callbacks,
             "rng": rng,
             "replicas": self.strategy.num_replicas_in_sync,
+            "replica_layout": self.group.describe(),
             "job": {
                 "name": self.job.name,
                 "source_path": self.job.source_path,
@@ -340,24 +404,23 @@ class _Run:
     # -- the loop --------------------------------------------------------------
 
     def run(self) -> RunResult:
+        self._check_replicas()  # before anything is built: a refusal costs nothing
         self._build()
         if self.resume is not None:
             # Every check before the first write: a mismatch changes nothing stored.
             self._check_config(self.resume)
             position = Position(**self.resume.state["position"])
-            if position.finished and (position.stop_training or position.epoch >= self.job.epochs):
+            if self._complete(position):
                 # Before on_train_begin: a no-op rerun opens no files and starts no callbacks.
                 self.echo(f"run at {self.uri} is already complete (epoch {position.epoch}, global step "
                           f"{position.global_step}); nothing to do (pass --epochs N to train further)")
                 history = next((s for k, s in self.resume.state["callbacks"].items() if k.endswith("-History")), {})
                 return RunResult(self.uri, "already_complete", self.resume.attempt, position,
                                  history.get("history", {}), self.resume.name)
-        if self.preemption.notice is not None:  # it came during start-up: nothing to commit yet
-            raise started_too_late(self.preemption.notice.source)
+        if self.preemption.notice is not None and not self.group.multi_worker:  # during start-up: nothing to commit
+            raise started_too_late(self.preemption.notice.source)  # (on several workers the first step carries it)
         # Registered before anything is written: from now on an older process of this run cannot commit.
-        self.attempt = register_attempt(self.store.storage, resumed_from_sequence=self.resume.sequence if self.resume else 0,
-                                        run_id=self.run_id)
-        self.sequence = self.store.highest_sequence()  # past anything written, committed or not
+        self.attempt = int(self.group.from_chief(self._register_attempt, 1)[0])
         self.recorder = HistoryRecorder(self.attempt, every_steps=self.job.history_every_steps)
         if self.resume is not None:
             callback_state.prepare_resume(self.stateful_callbacks, self.resume.state["callbacks"], self.callbacks_built_at)
@@ -376,9 +439,19 @@ class _Run:
                 f"resuming run {self.job.name!r} at {self.uri} from {self.resume.name}: "
                 f"epoch {p.epoch + 1}, batch {p.batch} (global step {p.global_step}), attempt {self.attempt}"
             )
+            stored = self.resume.state.get("replicas")
+            if stored is not None and stored != self.strategy.num_replicas_in_sync:
+                before = self.resume.state.get("replica_layout", f"{stored} replicas")
+                self.echo(
+                    f"the replica count changed from {stored} ({before}) to {self.strategy.num_replicas_in_sync} "
+                    f"({self.group.describe()}): training continues at the next batch with the same global batch of "
+                    f"{self.job.batch_size}, each metric's total split evenly over the new replicas; bitwise equality "
+                    "with an uninterrupted run is promised only on the same replica count"
+                )
         else:
             self.echo(f"starting run {self.job.name!r} at {self.uri} (attempt {self.attempt}, "
-                      f"{self.strategy.num_replicas_in_sync} replica(s))")
+                      f"{self.strategy.num_replicas_in_sync} replica(s)"
+                      + (f": {self.group.describe()})" if self.group.multi_worker else ")"))
         for source in (self.train_source, self.val_source):
             if source is not None and source.describe():
                 self.echo(source.describe())
@@ -414,10 +487,13 @@ class _Run:
             self.position = dataclasses.replace(self.position, epoch=epoch + 1, batch=0, train_logs=None,
                                                 data_pass=data_pass, data_offset=offset)
             self._last_logs = None
-            if self.preemption.notice is not None:
-                self._flush_and_stop(epoch_logs)
-            if self.job.checkpoint.every_epoch:
-                self._commit(epoch_logs)
+            if self.group.multi_worker:
+                self._end_epoch_together(epoch_logs)
+            else:
+                if self.preemption.notice is not None:
+                    self._flush_and_stop(epoch_logs=epoch_logs)
+                if self.job.checkpoint.every_epoch:
+                    self._commit(epoch_logs)
             if self.model.stop_training:
                 break
 
@@ -425,7 +501,7 @@ class _Run:
         self.callbacks.on_train_end(logs=training_logs)
         self.position.finished = True
         self._commit(publish=True)
-        self.writer.wait()
+        self._wait_for_commits()
         if self.writer.stall_seconds > 0.5:
             self.echo(f"training waited {self.writer.stall_seconds:.1f}s in total for checkpoint uploads")
         return self._result("completed")
@@ -443,17 +519,24 @@ class _Run:
         data_pass, offset = self._epoch_start(epoch)
         steps = self._steps_in_epoch(offset)
         dataset = self.train_source.epoch_dataset(data_pass, job.seed, job.batch_size, start_batch=offset + start)
-        iterator = iter(self.strategy.experimental_distribute_dataset(dataset))
+        exact = self.train_batches is not None or self.train_source.infinite  # the pass cannot end before `steps`
+        iterator = iter(self._distribute(dataset, steps is not None and exact))
         batch = start
         while steps is None or batch < steps:
             step_started, uploading = time.perf_counter(), self.writer.in_flight() > 0
             self.callbacks.on_train_batch_begin(batch)
+            if self.group.multi_worker:
+                # Steps to the epoch-end commit after this step's: as the single-worker cadence counts them.
+                self._wants_commit = self._commit_requested(steps - batch - 1 if job.checkpoint.every_epoch and steps
+                                                            else None)
+                self.group.cast(self._vote())  # the step carries every worker's vote
             step_logs = _run_step(self.model.train_function, iterator)
             if step_logs is None:
                 # The data ended (fit's first epoch, too, begins this batch first). The epoch's logs stay the
                 # last step's, as in fit.
                 self.train_source.stop()
                 return logs, True
+            votes = self.group.take_votes(step_logs)  # before the callbacks see the logs
             logs = step_logs
             self.callbacks.on_train_batch_end(batch, logs)
             self.cadence.step_done(time.perf_counter() - step_started, busy=uploading)
@@ -462,15 +545,18 @@ class _Run:
             self.position = dataclasses.replace(self.position, batch=batch, global_step=self.position.global_step + 1)
             if self.recorder.step_due(self.position.global_step):
                 self.recorder.add_step(epoch, batch - 1, self.position.global_step, _pythonify(logs), self._learning_rate())
-            if self.preemption.notice is not None:
-                self._flush_and_stop()
-            warnings = self.preemption.take_warnings()
-            if warnings:
-                self._save_early(warnings)
-            # Steps to the epoch-end commit: an "auto" save that would still be uploading then is left to it.
-            epoch_commit_in = steps - batch if job.checkpoint.every_epoch and steps else None
-            if self.cadence.due(self.position.global_step, self.writer.in_flight(), epoch_commit_in):
-                self._commit()
+            if self.group.multi_worker:
+                self._after_group_step(votes)
+            else:
+                if self.preemption.notice is not None:
+                    self._flush_and_stop()
+                warnings = self.preemption.take_warnings()
+                if warnings:
+                    self._save_early(warnings)
+                # Steps to the epoch-end commit: an "auto" save that would still be uploading then is left to it.
+                epoch_commit_in = steps - batch if job.checkpoint.every_epoch and steps else None
+                if self.cadence.due(self.position.global_step, self.writer.in_flight(), epoch_commit_in):
+                    self._commit()
             if self.model.stop_training:
                 break
         self.train_source.stop()
@@ -526,7 +612,8 @@ class _Run:
         logs = {}
         self.model.reset_metrics()
         dataset = self.val_source.epoch_dataset(0, self.job.seed, self.validation_batch_size)
-        iterator = iter(self.strategy.experimental_distribute_dataset(dataset))
+        exact = self.val_source.num_batches(self.validation_batch_size) is not None or self.val_source.infinite
+        iterator = iter(self._distribute(dataset, self.validation_steps is not None and exact))
         self.val_source.on_epoch_begin()
         batch = 0
         while self.validation_steps is None or batch < self.validation_steps:
@@ -534,6 +621,7 @@ class _Run:
             step_logs = _run_step(self.model.test_function, iterator)
             if step_logs is None:
                 break
+            self.group.take_votes(step_logs)  # the votes count after training steps only
             logs = step_logs
             self.callbacks.on_test_batch_end(batch, logs)
             batch += 1
@@ -546,13 +634,15 @@ class _Run:
         self.callbacks.on_test_end(logs)
         return logs
 
-    def _flush_and_stop(self, epoch_logs: dict | None = None) -> None:
+    def _flush_and_stop(self, agreement: Agreement | None = None, epoch_logs: dict | None = None) -> None:
         """On a preemption notice: commit at this batch boundary, wait for the upload, stop.
 
         Called between steps, so the resumed run re-runs no step. A notice that
-        arrives during validation is acted on at the end of the epoch.
+        arrives during validation is acted on at the end of the epoch. On several
+        workers a notice on any one stops them all after the same step: the chief
+        commits, and every worker raises `PreemptedError` once it has.
         """
-        notice = self.preemption.notice
+        notice = self._group_notice(agreement)
         p = self.position
         step_wait = time.monotonic() - notice.received_at
         self.echo(f"preemption notice ({notice.source}): committing at epoch {p.epoch + 1}, batch {p.batch} "
@@ -561,7 +651,7 @@ class _Run:
         if late:
             self.echo(late)
         self._commit(epoch_logs, publish=True, final_flush=True)
-        self.writer.wait()
+        self._wait_for_commits()
         took = time.monotonic() - notice.received_at
         report = self.store.last_commit
         if report is not None and report.name == self.writer.last_committed:
@@ -577,17 +667,141 @@ class _Run:
             "Run the same command again to resume"
         )
 
+    def _group_notice(self, agreement: Agreement | None) -> Notice:
+        """The notice that stops the run, as this worker knows it: its own, else another worker's
+        (its deadline is the least time left among the workers that have one)."""
+        own = self.preemption.notice
+        if not self.group.multi_worker:
+            return own
+        if own is not None:
+            return dataclasses.replace(own, source=f"{own.source} on worker {self.group.index}")
+        now = time.monotonic()
+        return Notice(f"a notice on worker {agreement.noticed_by[0]}", now, now + agreement.seconds_left)
+
+    # -- agreement between workers --------------------------------------------------
+
+    def _vote(self) -> Vote:
+        notice = self.preemption.notice
+        return Vote(notice_seconds_left=notice.seconds_left() if notice is not None else None,
+                    superseded=self.writer.superseded is not None, commit=self._wants_commit)
+
+    def _agreement(self, votes=None) -> Agreement:
+        """What every worker does now: after a step (on several workers, with the `votes` that step
+        carried), or at the end of an epoch."""
+        agreement = self.group.agreement_from(votes) if votes is not None else self.group.agree(self._vote())
+        if agreement.superseded:
+            raise self.writer.superseded or SupersededError(
+                "the chief (worker 0) was superseded by a later attempt of the run; this group stopped without writing")
+        return agreement
+
+    def _commit_requested(self, epoch_commit_in: int | None, cadence: bool = True) -> bool:
+        """(Several workers) A commit this worker asks for now, besides the deterministic `every_steps`
+        and epoch ends: an early warning it received, or, on the chief, `every_steps="auto"` coming due.
+
+        Asked before every step (and at every epoch end, without the cadence), it travels with that
+        step's votes, and every worker commits after that step: what one worker measures or learns
+        alone is decided once, for all. `epoch_commit_in`: as for `Cadence.due`.
+        """
+        self._early_warnings += self.preemption.take_warnings()
+        wanted = bool(self._early_warnings)
+        if cadence and self.group.is_chief and self.cadence.auto:
+            # Asked one step early: the commit comes after the step that carries the vote.
+            wanted = self.cadence.due(self.position.global_step, self.writer.in_flight(), epoch_commit_in) or wanted
+        return wanted
+
+    def _after_group_step(self, votes) -> None:
+        """(Several workers) After a step: stop together on a notice anywhere, commit together on a
+        request anywhere or at a fixed `every_steps`."""
+        agreement = self._agreement(votes)
+        if agreement.stop:
+            self._flush_and_stop(agreement)
+        fixed = not self.cadence.auto and self.cadence.due(self.position.global_step)
+        if agreement.commit or fixed:
+            self._commit(early=self._announce_early_save())
+
+    def _end_epoch_together(self, epoch_logs: dict) -> None:
+        """(Several workers) At an epoch end: stop together on a notice anywhere (one during validation),
+        commit together at `every_epoch` or on a request anywhere."""
+        self._wants_commit = self._commit_requested(None, cadence=False)
+        agreement = self._agreement()
+        if agreement.stop:
+            self._flush_and_stop(agreement, epoch_logs)
+        if self.job.checkpoint.every_epoch or agreement.commit:
+            self._commit(epoch_logs, early=self._announce_early_save())
+
+    def _announce_early_save(self) -> bool:
+        """Say which early warnings this worker's commit answers, if any; whether there were some."""
+        warnings, self._early_warnings = self._early_warnings, []
+        if warnings:
+            self.echo(self._early_save_message(warnings))
+        return bool(warnings)
+
+    def _wait_for_commits(self) -> None:
+        """The chief waits for its commits to finish; every worker learns the last one's name, or
+        raises the chief's error (a final save that failed, a superseded attempt)."""
+
+        def wait() -> tuple[int, int, int]:
+            name = self.writer.wait()
+            return parse_name(name) if name else (0, 0, 0)
+
+        sequence, step, attempt = (int(v) for v in self.group.from_chief(wait, 3))
+        if not self.group.is_chief and sequence:
+            self.writer.last_committed = checkpoint_name(sequence, step, attempt)
+
+    def _register_attempt(self) -> tuple[int]:
+        """(The chief) Register this attempt of the run; its commits are numbered past anything written."""
+        attempt = register_attempt(self.store.storage, resumed_from_sequence=self.resume.sequence if self.resume else 0,
+                                   run_id=self.run_id)
+        self.sequence = self.store.highest_sequence()
+        return (attempt,)
+
+    def _complete(self, position: Position) -> bool:
+        return position.finished and (position.stop_training or position.epoch >= self.job.epochs)
+
+    def _check_replicas(self) -> None:
+        """Refuse a replica count that does not divide the global batch where it would change what a batch means."""
+        replicas, batch_size = self.strategy.num_replicas_in_sync, self.job.batch_size
+        if self.resume is not None and self._complete(Position(**self.resume.state["position"])):
+            return  # nothing will be trained
+        stored = self.resume.state.get("replicas") if self.resume is not None else None
+        if batch_size % replicas and (self.group.multi_worker or (stored is not None and stored != replicas)):
+            divisors = ", ".join(str(d) for d in range(1, min(batch_size, 64) + 1) if batch_size % d == 0)
+            raise ConfigError(
+                f"the global batch size {batch_size} does not split evenly over {replicas} replicas "
+                f"({self.group.describe()}), as a run on several workers or resumed on another replica count needs "
+                f"(every replica's loss weighs the same in a step): use workers x devices among {divisors}"
+            )
+
+    def _distribute(self, dataset: tf.data.Dataset, exact_steps: bool):
+        """The strategy's input from a dataset of global batches.
+
+        On several workers each worker feeds its replicas their part of every global batch
+        (`replica_batches`); when the loop knows how many steps it takes (`exact_steps`: the
+        data cannot end first), the input never runs dry, so the step does not ask every
+        worker whether it still has data. Otherwise the strategy's own check makes every
+        worker see the data end at the same step.
+        """
+        if not self.group.multi_worker:
+            return self.strategy.experimental_distribute_dataset(dataset)
+        parts = replica_batches(dataset, self.strategy.num_replicas_in_sync, self.group.local_replica_ids)
+        if exact_steps:
+            parts = parts.repeat()
+        return self.strategy.distribute_datasets_from_function(lambda context: parts)
+
     def _save_early(self, warnings) -> None:
         """On early warnings (not yet notices): commit here, once for all of them, and train on.
 
         If the notice never comes nothing was lost; if it comes, or the machine
         goes without one, the work since this commit is all there is to redo.
         """
+        self.echo(self._early_save_message(warnings))
+        self._commit(early=True)
+
+    def _early_save_message(self, warnings) -> str:
         p = self.position
         said = "; ".join(f"{w.source}: {w.reason}" for w in warnings)
-        self.echo(f"early warning ({said}): saving at epoch {p.epoch + 1}, batch {p.batch} "
-                  f"(global step {p.global_step}) and training on")
-        self._commit(early=True)
+        return (f"early warning ({said}): saving at epoch {p.epoch + 1}, batch {p.batch} "
+                f"(global step {p.global_step}) and training on")
 
     def _learning_rate(self) -> float:
         return float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
@@ -634,12 +848,15 @@ class _Run:
             history=dict(history.history) if history else {},
             checkpoint=self.writer.last_committed,
             checkpoint_stats={"saves": len(self.copy_seconds), "host_copy_seconds": sum(self.copy_seconds),
-                              "host_copy_median_seconds": statistics.median(self.copy_seconds),
+                              "host_copy_median_seconds": statistics.median(self.copy_seconds or [0.0]),
                               "stall_seconds": self.writer.stall_seconds,
                               "overhead": self.cadence.overhead(), "interval": self.cadence.interval.steps,
                               "step_seconds": self.cadence.measurements().step_seconds,
                               "early_saves": self.cadence.early_saves},
         )
+
+
+_NOTHING_AGREED = Agreement()
 
 
 def _run_step(function: Callable, iterator) -> dict | None:

@@ -126,6 +126,8 @@ class PreemptionWatcher:
         self.sources = list(sources)
         self.poll_seconds = poll_seconds
         self.notice: Notice | None = None
+        # Called with the notice, from the thread that recorded it, when the first one arrives.
+        self.listeners: list[Callable[[Notice], None]] = []
         self._previous: dict[int, object] = {}
         self._stop = threading.Event()
         self._poller: threading.Thread | None = None
@@ -147,9 +149,12 @@ class PreemptionWatcher:
         """
         now = time.monotonic() if received_at is None else received_at
         with self._notice_lock:  # the signal handler and the wakeup thread may record the same signal
-            if self.notice is None:
-                left = self.grace_seconds if deadline_in is None else min(deadline_in, self.grace_seconds)
-                self.notice = Notice(source, now, now + left)
+            if self.notice is not None:
+                return
+            left = self.grace_seconds if deadline_in is None else min(deadline_in, self.grace_seconds)
+            self.notice = Notice(source, now, now + left)
+        for listener in self.listeners:
+            listener(self.notice)
 
     def warn(self, source: str, reason: str | None) -> None:
         """Record `source`'s early warning (None: it has none now); a warning already standing is not new."""

@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 class RunFiles:
     """The local directory where a run's callbacks write, and its mirror under `<run>/files/`.
 
+    `private`: a scratch copy filled from the run and never uploaded, for a worker of a
+    multi-worker run other than the chief (its callbacks write too, but only the chief's
+    files are the run's). It is confined as the chief's scratch copy is.
+
     Example:
         >>> files = RunFiles(Storage("memory://doc-files/run"))
         >>> files.check()
@@ -44,9 +48,9 @@ class RunFiles:
         False
     """
 
-    def __init__(self, storage: Storage):
+    def __init__(self, storage: Storage, private: bool = False):
         self.storage = storage
-        self.mirrored = not storage.is_local
+        self.mirrored = private or not storage.is_local
         self.local_dir = tempfile.mkdtemp(prefix=SCRATCH_PREFIX) if self.mirrored else storage.path(FILES)
         self._uploaded: dict[str, tuple[int, int]] = {}
 

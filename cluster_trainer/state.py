@@ -15,7 +15,10 @@ What is captured, in four groups that together are what
   own part of the batch (in `fit` too), so the copies drift apart; restoring
   one copy to every replica changes validation after a resume. Non-trainable
   variables are read on every replica and stored per replica when the copies
-  differ (weights and optimizer slots are updated in step on every replica),
+  differ (weights and optimizer slots are updated in step on every replica);
+  on several workers (MultiWorkerMirroredStrategy) every worker's metric parts
+  and layer-state copies are gathered at each capture, so every worker must
+  capture at the same step,
 
 plus the process-global RNGs a callback or layer may draw from (Keras's global
 SeedGenerator, NumPy's and Python's global generators).
@@ -38,6 +41,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 from cluster_trainer import keras_compat
+from cluster_trainer.devices import local_replica_ids, on_several_workers
 from cluster_trainer.errors import StateMismatchError
 
 _AUTO_NAME_SUFFIX = re.compile(r"_\d+(?=_|/|$)")
@@ -82,16 +86,26 @@ def _describe(model) -> list[dict]:
     return entries
 
 
+def _group_of(entry: dict) -> str:
+    return entry["key"].split("/")[1]
+
+
+def _per_replica(variable, group: str) -> list | None:
+    """Each replica's part of a SyncOnRead variable, or each replica's copy of a mirrored
+    non-trainable one (layer state, which may differ between replicas); else None."""
+    parts = keras_compat.sync_on_read_parts(variable)
+    if parts is None and group == "non_trainable":
+        parts = keras_compat.mirrored_copies(variable)
+    return parts
+
+
 def _components(variable, group: str) -> list:
     """The plain variables to read for `variable`: each replica's part of a SyncOnRead variable,
     each replica's copy of a mirrored non-trainable one (layer state, which may differ between
     replicas), the primary replica of another mirrored one, else the variable itself."""
-    parts = keras_compat.sync_on_read_parts(variable)
+    parts = _per_replica(variable, group)
     if parts is not None:
         return parts
-    copies = keras_compat.mirrored_copies(variable) if group == "non_trainable" else None
-    if copies is not None:
-        return copies
     backing = keras_compat.backing_variable(variable)
     return [getattr(backing, "primary", backing)]
 
@@ -114,9 +128,51 @@ class _Reader:
         return [variable.read_value() for variable in self.variables]
 
 
+class _GroupReader:
+    """Under a strategy with replicas on several workers: `_Reader`'s reads, except that each
+    per-replica variable is read on every replica of every worker (one all-gather per dtype),
+    so each worker gets all of them, in replica order. Every worker must call it together."""
+
+    def __init__(self, strategy, local: list, per_replica: list):
+        self.strategy = strategy
+        self.local = local
+        self.per_replica = per_replica  # distributed variables: a read in replica context is that replica's
+
+    def __call__(self) -> tuple[list, list]:
+        gathered = self.strategy.experimental_local_results(self.strategy.run(self._gather))[0]
+        replicas = self.strategy.num_replicas_in_sync
+        values = []
+        for dtype, variables in self._by_dtype().items():
+            columns = [int(np.prod(v.shape)) for v in variables]
+            for variable, column in zip(variables, tf.split(gathered[dtype.name], columns, axis=1)):
+                values.append(tf.unstack(tf.reshape(column, [replicas, *variable.shape]), num=replicas))
+        return [variable.read_value() for variable in self.local], values
+
+    def _by_dtype(self) -> dict:
+        groups: dict = {}
+        for variable in self.per_replica:
+            groups.setdefault(variable.dtype, []).append(variable)
+        return groups
+
+    def _gather(self) -> dict:
+        context = tf.distribute.get_replica_context()
+        return {
+            dtype.name: context.all_gather(tf.concat([tf.reshape(v.read_value(), [1, -1]) for v in variables], 1), 0)
+            for dtype, variables in self._by_dtype().items()
+        }
+
+
 def _read_all(model, entries: list[dict]) -> list[list]:
-    """Each variable's component values, as tensors, read in one `tf.function` call."""
-    components = [_components(e["variable"], e["key"].split("/")[1]) for e in entries]
+    """Each variable's component values, as tensors, read in one `tf.function` call.
+
+    On several workers, a per-replica variable's values (metric parts, copies of layer
+    state) are every replica's, gathered from all workers (a collective: every worker
+    must read at the same step).
+    """
+    components = [_components(e["variable"], _group_of(e)) for e in entries]
+    strategy = model.distribute_strategy
+    if on_several_workers(strategy):
+        return _read_all_workers(model, strategy, entries, components)
     flat = [c for group in components for c in group]
     ids = tuple(id(c) for c in flat)
     cached = _READERS.get(model)
@@ -125,6 +181,28 @@ def _read_all(model, entries: list[dict]) -> list[list]:
         _READERS[model] = cached
     values = iter(cached[1]())
     return [[next(values) for _ in group] for group in components]
+
+
+def _read_all_workers(model, strategy, entries: list[dict], components: list[list]) -> list[list]:
+    gathered = [_per_replica(e["variable"], _group_of(e)) is not None for e in entries]  # metric parts, layer state
+    local = [c for group, kept in zip(components, gathered) if not kept for c in group]
+    distributed = [keras_compat.backing_variable(e["variable"]) for e, kept in zip(entries, gathered) if kept]
+    ids = tuple(id(c) for c in local + distributed)
+    cached = _READERS.get(model)
+    if cached is None or cached[0] != ids:
+        cached = (ids, tf.function(_GroupReader(strategy, local, distributed), autograph=False))
+        _READERS[model] = cached
+    local_values, gathered_values = cached[1]()
+    local_values, gathered_values = iter(local_values), iter(gathered_values)
+    return [next(gathered_values) if kept else [next(local_values) for _ in group]
+            for group, kept in zip(components, gathered)]
+
+
+def take_part_in_capture(model) -> None:
+    """What `capture_model_state` does that involves the other workers (gathering each replica's
+    metric parts), for a worker that stores nothing itself; at the same step as the capture."""
+    if on_several_workers(model.distribute_strategy):
+        _read_all(model, _describe(model))
 
 
 def prepare_capture(model) -> None:
@@ -197,15 +275,17 @@ def restore_model_state(model, tensors: dict[str, np.ndarray], index: list[dict]
 
     Checks everything before assigning anything, so a mismatch leaves the
     model untouched. Per-replica values (metric parts, differing copies of layer
-    state) are restored per replica when the replica count is the same; else a
-    metric's aggregate, or the first replica's copy of layer state, is assigned
-    to every replica.
+    state) are restored per replica when the replica count is the same (on
+    several workers, each worker its own replicas' values); else a metric's
+    aggregate, or the first replica's copy of layer state, is assigned to every
+    replica.
 
     Returns the paths of the variables restored that way (not bitwise what the
     run that wrote the checkpoint would have continued with); empty when none.
     """
     check_model_fits(model, index)
     stored_by_key = {e["key"]: e for e in index}
+    replica_ids = None  # this worker's replicas among all: asked once, if needed
     fell_back = []
     for entry in _describe(model):
         variable = entry["variable"]
@@ -216,9 +296,10 @@ def restore_model_state(model, tensors: dict[str, np.ndarray], index: list[dict]
             parts = keras_compat.mirrored_copies(variable)
         if replicas is None:
             variable.assign(value)
-        elif parts is not None and len(parts) == replicas:
-            for part, part_value in zip(parts, value):
-                part.assign(part_value)
+        elif parts is not None and replicas == model.distribute_strategy.num_replicas_in_sync:
+            replica_ids = replica_ids or local_replica_ids(model.distribute_strategy)
+            for part, replica in zip(parts, replica_ids):
+                part.assign(value[replica])
         else:
             variable.assign(_aggregate(variable, value, layer_state=entry["key"].startswith("model/non_trainable/")))
             fell_back.append(entry["path"])

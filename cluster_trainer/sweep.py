@@ -230,11 +230,12 @@ def _trial(config: dict, settings: dict) -> None:
     trial_id = tune.get_context().get_trial_id()
     uri = f"{settings['sweep_uri'].rstrip('/')}/{trial_id}"
     job = trial_job(settings["job_spec"], config)
-    actors = FreshActors() if settings["fresh_workers"] else process_pool()
+    # Warm workers serve single-worker trials; a trial on several workers gets a fresh group each attempt.
+    actors = FreshActors() if settings["fresh_workers"] or settings["workers"] > 1 else process_pool()
     reporter = _EpochReporter(uri, settings["storage_options"], on_stop=getattr(actors, "interrupt", None))
     run(job, uri, devices=settings["devices"], epochs=settings["epochs"], resources=settings["resources"],
         max_failures=settings["max_failures"], storage_options=settings["storage_options"], verbose=2,
-        on_progress=reporter.poll, actors=actors,
+        workers=settings["workers"], on_progress=reporter.poll, actors=actors,
         echo=lambda message: print(f"cluster-trainer [{trial_id}]: {message}", file=sys.stderr, flush=True))
     reporter.poll()  # the last epochs, committed just before the run returned
 
@@ -308,6 +309,7 @@ def sweep(
     address: str | None = None,
     storage_options: dict | None = None,
     echo: Callable[[str], None] | None = None,
+    workers: int = 1,
 ) -> pd.DataFrame:
     """Run a sweep on Ray Tune (or continue the one at `storage`); returns the trials table.
 
@@ -333,6 +335,7 @@ def sweep(
             that train trial after trial (for a job file whose module-level objects
             change as it trains).
         address: the Ray cluster (default: RAY_ADDRESS, else a local Ray started here).
+        workers: nodes each trial trains on at once (as for `cluster_trainer.run`).
 
     Running the same call again after the driver died continues the sweep: finished
     trials are kept, unfinished ones resume from their own checkpoints, and the
@@ -375,7 +378,7 @@ def sweep(
         settings = {
             "sweep_uri": sweep_uri, "job_spec": job_spec(job, _working_dir()), "devices": devices, "epochs": epochs,
             "resources": resources, "max_failures": max_failures, "storage_options": options,
-            "fresh_workers": fresh_workers,
+            "fresh_workers": fresh_workers, "workers": workers,
         }
         trainable = tune.with_resources(tune.with_parameters(_trial, settings=settings), TRIAL_PROCESS_RESOURCES)
         if restoring:
@@ -384,9 +387,10 @@ def sweep(
             tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True)
         else:
             if max_concurrent is None:
-                max_concurrent = _cluster_capacity(resources)
+                max_concurrent = max(_cluster_capacity(resources) // workers, 1)  # a trial takes `workers` actors
                 echo(f"running up to {max_concurrent} trial(s) at once, what the cluster holds now "
-                     f"({resources.describe()} each); --max-concurrent sets it")
+                     f"({resources.describe()} each{f' per worker, {workers} workers' if workers > 1 else ''}); "
+                     "--max-concurrent sets it")
             echo(f"starting a sweep at {sweep_uri}")
             asha = None
             if scheduler == "asha":

@@ -1,5 +1,6 @@
 import os
 import shutil
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # before gcsfs is imported
@@ -8,6 +9,7 @@ import pytest  # noqa: E402
 
 from harness import cli, train_cmd  # noqa: E402
 from stores import GCSServer, S3Server  # noqa: E402
+from workers_harness import WORKERS_EPOCHS, WorkerGroup, once_per_session  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -31,6 +33,22 @@ def mlp_reference(tmp_path_factory):
     result = cli(*train_cmd(storage))
     assert result.returncode == 0, result.stderr
     return storage
+
+
+@pytest.fixture(scope="session")
+def two_workers(tmp_path_factory, worker_id):
+    """The uninterrupted run on 2 workers x 1 device (processes on 127.0.0.1, no Ray), once per session
+    even under pytest-xdist: its storage and each worker's output. The reference of every multi-worker
+    comparison, on Ray too (a group Ray places trains the same bits)."""
+
+    def train(work: Path) -> dict:
+        with WorkerGroup(work / "run", work, *WORKERS_EPOCHS) as group:
+            codes = group.wait()
+        assert codes == [0, 0], group.outputs()
+        return {"storage": str(work / "run"), "outputs": [group.output(i) for i in range(2)]}
+
+    result = once_per_session(tmp_path_factory, worker_id, "two-workers", train)
+    return Path(result["storage"]), result["outputs"]
 
 
 @pytest.fixture

@@ -89,9 +89,10 @@ def where(name: str, doc: dict) -> str:
 
 
 def ray_cluster_specs(doc: dict) -> list[dict]:
+    """The Ray clusters a document makes (a RayJob with a clusterSelector makes none: it uses one)."""
     if doc["kind"] == "RayCluster":
         return [doc["spec"]]
-    if doc["kind"] == "RayJob":
+    if doc["kind"] == "RayJob" and "rayClusterSpec" in doc["spec"]:
         return [doc["spec"]["rayClusterSpec"]]
     return []
 
@@ -363,9 +364,20 @@ def test_commands_are_ones_the_cli_accepts(label, argv, pod, container, role):
     assert re.match(r"(gs|s3)://", args.storage), f"{label}: a run on Kubernetes lives in an object store"
 
 
-def worker_gpus() -> set[int]:
-    return {gpus(c) for _, doc in docs_of("RayCluster") for role, pod in pod_specs(doc) if role == "worker"
-            for c in pod["containers"]}
+def target_clusters(label: str, container: dict | None) -> list[dict]:
+    """The Ray clusters a command on a head runs on: a RayJob's own, or the one its clusterSelector
+    names; for the CronJob's submitter, every RayCluster whose head service its --address names."""
+    if container is None:
+        (job,) = [doc for name, doc in docs_of("RayJob") if where(name, doc) == label]
+        if "rayClusterSpec" in job["spec"]:
+            return [job["spec"]["rayClusterSpec"]]
+        name = job["spec"]["clusterSelector"]["ray.io/cluster"]
+    else:
+        (address,) = [a for a in container["args"] if a.startswith("--address=")]
+        name = re.fullmatch(r"--address=http://(.+)-head-svc:8265", address)[1]
+    clusters = [doc["spec"] for _, doc in docs_of("RayCluster") if doc["metadata"]["name"] == name]
+    assert clusters, f"{label}: no RayCluster named {name} in k8s/"
+    return clusters
 
 
 @pytest.mark.parametrize("label, argv, pod, container, role", TRAINER_COMMANDS, ids=[c[0] for c in TRAINER_COMMANDS])
@@ -373,10 +385,17 @@ def test_commands_run_where_they_should_with_the_gpus_they_get(label, argv, pod,
     args = parse_cli(label, argv)
     if role in ("rayjob", "submitted"):
         # On a Ray head under `ray job submit`: connect to that cluster, never start a local Ray, and
-        # ask for a GPU the workers have.
+        # ask for GPUs a worker group has, on as many of its nodes as the run has workers.
         assert not args.no_ray and args.ray_address == "auto", f"{label}: use --ray-address auto"
         assert args.num_gpus and args.num_gpus >= 1, f"{label}: --num-gpus, or the run trains on CPU"
-        assert args.num_gpus <= min(worker_gpus()), f"{label}: no worker has {args.num_gpus} GPUs"
+        workers = args.workers or 1
+        for cluster in target_clusters(label, container):
+            fits = [group["replicas"] for group in cluster["workerGroupSpecs"]
+                    if all(gpus(c) >= args.num_gpus for c in group["template"]["spec"]["containers"])]
+            assert fits, f"{label}: no worker has {args.num_gpus} GPUs"
+            assert max(fits) >= workers, f"{label}: --workers {workers}, but at most {max(fits)} nodes have " \
+                                         f"{args.num_gpus} GPUs (each worker needs a node of its own)"
+            assert (args.min_workers or workers) <= workers
     else:
         # In a plain pod: the trainer is the process Kubernetes restarts.
         assert args.no_ray, f"{label}: a plain pod has no Ray cluster to join; use --no-ray"

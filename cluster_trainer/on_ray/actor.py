@@ -26,6 +26,7 @@ from cluster_trainer.errors import (
 )
 from cluster_trainer.job import Job, load_job
 from cluster_trainer.on_ray.notices import DriverStop, RayDrainNotice
+from cluster_trainer.workers import Workers
 
 # Environment a driver passes on to its actors (on other nodes they do not inherit it):
 # the trainer's own settings and where the stores are. Not credentials: those come from
@@ -56,6 +57,9 @@ class TrainActor:
     Made remote by the driver (`ray.remote(TrainActor).options(...)`) with the
     job's resources, `max_restarts=0` (the driver decides what happens next) and
     `max_concurrency=2`, so `stop()` and `where()` are served while `train()` runs.
+    In a group of several workers (`cluster_trainer.on_ray.group`), the spec's
+    `cluster` (every worker's `ip:port` and this one's index) is the loop's
+    `Workers`, and it trains under MultiWorkerMirroredStrategy.
     Nothing raised in here crosses Ray: `train()` returns a dict with `status`
     (completed, already_complete, preempted, failed, bad_input, superseded),
     `exit_code` and `message`, plus the position and metrics when it finished.
@@ -77,9 +81,16 @@ class TrainActor:
             "gpus": [str(g) for g in context.get_accelerator_ids().get("GPU", [])],
         }
 
-    def stop(self, reason: str) -> None:
-        """Ask the running loop to commit at the next batch boundary and stop (status preempted)."""
-        self._stop.request(reason)
+    def stop(self, reason: str, deadline_ms: int | None = None) -> None:
+        """Ask the running loop to commit at the next batch boundary and stop (status preempted), by
+        `deadline_ms` (ms since the Unix epoch) if given, else within the grace period."""
+        self._stop.request(reason, deadline_ms)
+
+    def free_port(self) -> int:
+        """A TCP port free now on this actor's node, for this worker's collective server."""
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return s.getsockname()[1]
 
     def train(self, spec: dict) -> dict:
         try:
@@ -101,12 +112,14 @@ class TrainActor:
         from cluster_trainer.preemption import notice_sources, sources_from_environment
 
         job = self._load_job(spec)
+        workers = Workers(spec["cluster"]["workers"], spec["cluster"]["index"]) if spec.get("cluster") else None
         sources = [RayDrainNotice(), self._stop]
         sources += notice_sources(spec["notices"]) if spec["notices"] else sources_from_environment()
         result = train(
             job, spec["storage"], devices=spec["devices"], epochs=spec["epochs"], verbose=spec["verbose"],
             storage_options=spec["storage_options"], notice_sources=sources,
             handle_signals=False,  # no usable SIGTERM in a Ray actor; handlers here could interfere with Ray's
+            workers=workers,
         )
         position = {k: getattr(result.position, k) for k in ("epoch", "batch", "global_step")}
         return {

@@ -18,6 +18,12 @@ watches it:
   autoscaler adds one): the new actor waits in Ray's queue and the driver
   says, at growing intervals, what it is waiting for.
 
+With `workers=N` an attempt is a group of N actors on N distinct nodes
+(`cluster_trainer.on_ray.group`) training one run under
+MultiWorkerMirroredStrategy; a drain of any worker's node stops the whole
+group after the same step, and a worker lost without notice ends the group at
+once. Either way the driver starts a new group, which resumes from storage.
+
 What happens after an attempt ends (budgets for preemptions and failures,
 backoff) is `cluster_trainer.on_ray.retry.RetryPolicy`. The exit code is that
 of the last attempt, so `ray job submit` reports SUCCEEDED or FAILED.
@@ -36,23 +42,17 @@ from typing import Callable, Sequence
 
 from cluster_trainer.errors import EXIT_PREEMPTED, ConfigError, RunError
 from cluster_trainer.job import Job, Resources
-from cluster_trainer.on_ray import private
 from cluster_trainer.on_ray.actor import forwarded_env, job_spec
-from cluster_trainer.on_ray.connection import connect, disconnect, first_line
+from cluster_trainer.on_ray.connection import connect, disconnect
+from cluster_trainer.on_ray.group import Stopped, WorkerGroup, check_group
 from cluster_trainer.on_ray.pool import FreshActors
 from cluster_trainer.on_ray.retry import RetryPolicy
 from cluster_trainer.preemption import early_notice
 
 log = logging.getLogger(__name__)
 
-# When to say that the next actor is still waiting for a node: after 5 s, 15 s, 45 s, ... then every 10 min.
-WAITING_REPORT_FIRST = 5.0
-WAITING_REPORT_MAX = 600.0
-# How often the driver looks at the actor's node's drain state (for its own messages).
-DRAIN_CHECK_SECONDS = 2.0
-# How often `run(on_progress=...)` is called while an actor trains.
-PROGRESS_SECONDS = 2.0
-_PREEMPTED_TAIL = ". Run the same command again to resume"
+# How long a group waits for N free nodes before trying a smaller one (with min_workers < workers).
+SHRINK_AFTER_SECONDS = 300.0
 
 
 @dataclasses.dataclass
@@ -66,9 +66,11 @@ class RunOutcome:
         position: `{"epoch", "batch", "global_step"}` where it ended.
         history: the epoch history of the final process (`{"loss": [...], ...}`).
         checkpoint: the name of the last committed checkpoint.
-        actors: Ray actors this call started (1 for an in-process run).
+        actors: attempts this call started: Ray actors, or groups of actors with `workers` > 1
+            (1 for an in-process run).
         preemptions: of those, how many were preempted.
         failures: of those, how many failed (and were retried).
+        group_sizes: the number of workers of each attempt (empty for an in-process run).
     """
 
     uri: str
@@ -80,6 +82,7 @@ class RunOutcome:
     actors: int = 1
     preemptions: int = 0
     failures: int = 0
+    group_sizes: list[int] = dataclasses.field(default_factory=list)
 
     @property
     def metrics(self) -> dict:
@@ -91,6 +94,10 @@ class RunOutcome:
         p = self.position
         counts = (f"; {self.actors} Ray actor(s), {self.preemptions} preempted, {self.failures} failed"
                   if self.actors > 1 or self.preemptions or self.failures else "")
+        if any(size > 1 for size in self.group_sizes):
+            sizes = ", ".join(map(str, self.group_sizes))
+            counts = (f"; {self.actors} Ray worker group(s) ({sizes} workers), {self.preemptions} preempted, "
+                      f"{self.failures} failed")
         metrics = ", ".join(f"{k}={v:.6g}" for k, v in sorted(self.metrics.items()) if isinstance(v, float))
         return (f"run {self.status}: {self.uri} (epoch {p['epoch']}, global step {p['global_step']}, "
                 f"attempt {self.attempt}{counts}) {metrics}").rstrip()
@@ -106,6 +113,9 @@ def run(
     resources: Resources | None = None,
     max_failures: int = 3,
     max_preemptions: int | None = None,
+    workers: int = 1,
+    min_workers: int | None = None,
+    shrink_after: float = SHRINK_AFTER_SECONDS,
     storage_options: dict | None = None,
     local: bool = False,
     verbose: int | str = "auto",
@@ -123,11 +133,18 @@ def run(
         address: the Ray cluster: "auto" (the one `ray start` ran on this machine), "HOST:PORT",
             or None: `RAY_ADDRESS` if set (as under `ray job submit`), else a new local Ray
             started in this process on 127.0.0.1 and stopped at the end.
-        devices: replicas for MirroredStrategy in the actor (default: the actor's GPUs, else 1 CPU).
+        devices: replicas in each actor (default: the actor's GPUs, else 1 CPU device).
         epochs: override `job.epochs`.
-        resources: what each actor asks for (default `job.resources`).
+        resources: what each actor asks for (default `job.resources`); with `workers` > 1, each worker.
         max_failures: failures retried (with backoff) before giving up; preemptions do not count.
         max_preemptions: preemptions retried before giving up with exit code 75 (default: no limit).
+        workers: actors on distinct nodes that train the run together under
+            MultiWorkerMirroredStrategy (a placement group, STRICT_SPREAD); the global batch
+            is split over all their replicas. 1 (default): one actor, MirroredStrategy.
+        min_workers: the smallest group to start when `workers` nodes are not free for
+            `shrink_after` seconds (default `workers`: always wait for all). A smaller group
+            keeps the global batch; bitwise equality is promised only for the same replica count.
+        shrink_after: seconds a group waits for its nodes before trying a smaller one.
         storage_options: fsspec options for the store (override the job's).
         local: run the loop in this process instead (no Ray: debugging, plain Kubernetes pods).
         verbose: 0 silent, 1 progress bar, 2 one line per epoch, "auto" (in an actor: 2).
@@ -155,6 +172,8 @@ def run(
         (1.09, 0)
         >>> ct.run(job, "gs://bucket/runs/mlp", address="auto",              # doctest: +SKIP
         ...        resources=ct.Resources(num_gpus=4, label_selector={"pool": "spot"}))
+        >>> ct.run(job, "gs://bucket/runs/big", address="auto", workers=4,   # doctest: +SKIP
+        ...        min_workers=2, resources=ct.Resources(num_gpus=8))
     """
     echo = echo or (lambda message: print(f"cluster-trainer: {message}", file=sys.stderr, flush=True))
     retry = RetryPolicy(max_failures, max_preemptions, storage=storage)  # validates both budgets
@@ -163,7 +182,13 @@ def run(
     if local:
         if address is not None:
             raise ConfigError("--no-ray trains in this process; it cannot be combined with --ray-address")
+        if workers != 1:
+            raise ConfigError("--workers places workers on Ray nodes; it cannot be combined with --no-ray")
         return _run_here(job, storage, devices, epochs, storage_options, verbose, notices, echo)
+    resources = resources or job.resources
+    gpus = int(resources.num_gpus) if resources.num_gpus >= 1 else (1 if resources.num_gpus else 0)
+    sizes = check_group(workers, workers if min_workers is None else min_workers, resources, job.batch_size,
+                        devices or gpus or 1)
     from cluster_trainer.storage import Storage
 
     # Bad input fails here, before Ray starts: a notice source typo, a URI no filesystem takes.
@@ -175,8 +200,8 @@ def run(
     if local_storage and "://" not in storage:
         storage = os.path.abspath(storage)  # an actor's working directory is not this one
     retry.storage = storage
-    driver = _Driver(job, storage, address=address, resources=resources or job.resources, echo=echo,
-                     retry=retry, local_storage=local_storage,
+    driver = _Driver(job, storage, address=address, resources=resources, echo=echo,
+                     retry=retry, local_storage=local_storage, sizes=sizes, shrink_after=shrink_after,
                      on_progress=on_progress, actors=actors,
                      attempt_args={"devices": devices, "epochs": epochs, "verbose": verbose,
                                    "storage_options": dict(storage_options or {}), "notices": list(notices or [])})
@@ -194,13 +219,10 @@ def _run_here(job, storage, devices, epochs, storage_options, verbose, notices, 
     return RunOutcome(result.uri, result.status, result.attempt, position, dict(result.history), result.checkpoint)
 
 
-class _Stopped(Exception):
-    """The driver was asked to stop (Ctrl-C, SIGTERM) before an actor trained."""
-
-
 class _Driver:
     def __init__(self, job: Job, storage: str, *, address, resources: Resources, echo, retry: RetryPolicy,
-                 local_storage: bool, attempt_args: dict, on_progress=None, actors=None):
+                 local_storage: bool, attempt_args: dict, sizes: list[int] = (1,),
+                 shrink_after: float = SHRINK_AFTER_SECONDS, on_progress=None, actors=None):
         self.job = job
         self.storage = storage
         self.address = address
@@ -210,8 +232,12 @@ class _Driver:
         self.attempt_args = attempt_args
         self.local_storage = local_storage
         self.on_progress = on_progress
+        self.sizes = list(sizes)  # group sizes allowed, largest first; [1]: one actor per attempt
+        self.shrink_after = shrink_after
+        self.actor_options: dict = {}
         self.actor_source = actors or FreshActors()
         self.actors = 0
+        self.group_sizes: list[int] = []
         self.stop_reason: str | None = None  # set by the first Ctrl-C / SIGTERM
         self.kill_now = False  # a second Ctrl-C
         self._previous_handlers: dict = {}
@@ -266,158 +292,49 @@ class _Driver:
         spec = {**job_spec(self.job, working_dir), "storage": self.storage, **self.attempt_args}
         if working_dir is not None and "job_path" in spec:
             self.echo(f"each actor loads {spec['job_path']} from its node's copy of Ray's working_dir")
-        options = {**self.resources.ray_options(), "max_restarts": 0, "max_concurrency": 2,
-                   # Never inside the caller's placement group (a Tune trial's holds only the trial's
-                   # own small bundle): the actor asks the cluster for the job's resources itself.
-                   "scheduling_strategy": "DEFAULT"}
+        options = {**self.resources.ray_options(), "max_restarts": 0, "max_concurrency": 2}
         env = forwarded_env()
         if env:
             options["runtime_env"] = {"env_vars": env}  # Ray merges it with the job's runtime_env
+        self.actor_options = options
+        noun = "actor" if self.sizes == [1] else "group"
         while True:
             self.actors += 1
             number = self.actors
-            actor = self.actor_source.acquire(options)
+            group = self._start_actors(number)
             kind = None
             try:
-                kind, message, result = self._attempt(actor, number, spec)
-            except _Stopped:
-                raise RunError(f"stopped by {self.stop_reason} while actor {number} was waiting for a node; nothing "
-                               "was trained in it. Run the same command again to resume", EXIT_PREEMPTED) from None
+                kind, message, result = group.run(spec, self)
+            except Stopped:
+                raise RunError(f"stopped by {self.stop_reason} while {group.name} was waiting for "
+                               f"{'a node' if noun == 'actor' else 'its nodes'}; nothing was trained in it. Run the "
+                               "same command again to resume", EXIT_PREEMPTED) from None
             finally:
-                self.actor_source.release(actor, healthy=kind == "done")
+                self._release(group, healthy=kind == "done")
+            self.group_sizes.append(group.size)
 
             if kind == "done":
                 return RunOutcome(result["uri"], result["status"], result["attempt"], result["position"],
                                   result["history"], result["checkpoint"], self.actors, self.retry.preemptions,
-                                  self.retry.failures)
-            decision = self.retry.after(kind, number, message, self.stop_reason)
+                                  self.retry.failures, self.group_sizes)
+            decision = self.retry.after(kind, number, message, self.stop_reason, noun=noun)
             if not decision.retry:
                 raise RunError(decision.message, decision.exit_code)
             self.echo(decision.message)
             self._sleep(decision.delay)
 
+    def _start_actors(self, number: int) -> WorkerGroup:
+        """The actors of attempt `number` (created and placed by `WorkerGroup.run`): one actor, or a
+        group of `self.sizes[0]` on distinct nodes. Never inside the caller's placement group (a Tune
+        trial's holds only the trial's own small bundle): they ask the cluster for the job's resources."""
+        return WorkerGroup(number, self.sizes, self.actor_options, self.resources, shrink_after=self.shrink_after,
+                           actors=self.actor_source)
+
+    def _release(self, group: WorkerGroup, healthy: bool) -> None:
+        """Free the attempt's actors and nodes (`healthy`: its run finished, so a warm actor may be kept)."""
+        group.release(healthy=healthy)
+
     def _sleep(self, seconds: float) -> None:
         end = time.monotonic() + seconds
         while time.monotonic() < end and self.stop_reason is None:
             time.sleep(min(0.2, max(end - time.monotonic(), 0)))
-
-    def _attempt(self, actor, number: int, spec: dict) -> tuple[str, str, dict | None]:
-        """Place the actor, train on it; returns (kind, message, result) with kind one of
-        done, preempted, failed, bad_input, superseded."""
-        import ray
-        from ray.exceptions import RayActorError, RayError, RuntimeEnvSetupError
-
-        node = None
-        watch = {"drained": False}
-        try:
-            where = self._wait_for_placement(actor, number)
-            node = where["node_id"]
-            gpus = f", GPUs {','.join(where['gpus'])}" if where["gpus"] else ""
-            self.echo(f"actor {number} running on node {node[:8]} ({where['ip']}, {where['host']}, "
-                      f"pid {where['pid']}{gpus})")
-            ref = actor.train.remote(spec)
-            self._wait(actor, ref, node, watch)
-            result = ray.get(ref)
-        except RuntimeEnvSetupError as e:
-            return "bad_input", f"Ray could not set up the actor's runtime environment: {first_line(e)}", None
-        except RayActorError as e:
-            drained = watch["drained"] or (node is not None and _draining(node))
-            if e.preempted or drained:
-                where = "its node" if node is None else f"its node {node[:8]}"
-                return "preempted", f"{where} went away after a drain ({_reason(e)})", None
-            return "failed", f"the actor or its node died without notice ({_reason(e)})", None
-        except RayError as e:
-            return "failed", f"{type(e).__name__}: {_reason(e)}", None
-        status = result["status"]
-        if status in ("completed", "already_complete"):
-            return "done", "", result
-        return status, result["message"].removesuffix(_PREEMPTED_TAIL), result
-
-    def _wait_for_placement(self, actor, number: int) -> dict:
-        """Until the actor runs on a node; says what it waits for while no node has the resources."""
-        import ray
-
-        ref = actor.where.remote()
-        started = time.monotonic()
-        report_at = WAITING_REPORT_FIRST
-        while True:
-            ready, _ = ray.wait([ref], timeout=0.5)
-            if ready:
-                return ray.get(ref)  # raises if the actor could not start (e.g. its runtime_env failed)
-            if self.stop_reason is not None:
-                raise _Stopped()
-            waited = time.monotonic() - started
-            if waited >= report_at:
-                self.echo(f"actor {number} has waited {waited:.0f}s for a node with {self.resources.describe()}: "
-                          f"{_why_pending(self.resources)}")
-                report_at = min(report_at * 3, waited + WAITING_REPORT_MAX)
-
-    def _wait(self, actor, ref, node: str, watch: dict) -> None:
-        """Until `ref` is ready; meanwhile pass on a stop request and watch the node's drain state."""
-        import ray
-
-        stop_sent = False
-        next_drain_check = 0.0
-        next_progress = time.monotonic() + PROGRESS_SECONDS
-        while not ray.wait([ref], timeout=0.5)[0]:
-            if self.on_progress is not None and time.monotonic() >= next_progress:
-                self.on_progress()
-                next_progress = time.monotonic() + PROGRESS_SECONDS
-            if self.kill_now:
-                raise KeyboardInterrupt  # the caller kills the actor
-            if self.stop_reason is not None and not stop_sent:
-                self.echo(f"{self.stop_reason}: asking the actor to commit at the next batch boundary and stop "
-                          "(Ctrl-C again to stop at once)")
-                actor.stop.remote(self.stop_reason)
-                stop_sent = True
-            if not watch["drained"] and time.monotonic() >= next_drain_check:
-                next_drain_check = time.monotonic() + DRAIN_CHECK_SECONDS
-                deadline_ms = _draining_deadline(node)
-                if deadline_ms is not None:
-                    watch["drained"] = True
-                    left = f"{deadline_ms / 1000 - time.time():.0f}s before its deadline" if deadline_ms else "no deadline"
-                    self.echo(f"node {node[:8]} is being drained ({left}): the actor commits at the next batch "
-                              "boundary and stops")
-
-
-def _draining_deadline(node: str) -> int | None:
-    try:
-        return private.draining_nodes().get(node)
-    except Exception as e:  # the GCS briefly unreachable: look again next time
-        log.debug("could not read the draining nodes: %s", e)
-        return None
-
-
-def _draining(node: str) -> bool:
-    return _draining_deadline(node) is not None
-
-
-def _reason(error: BaseException) -> str:
-    """Ray's actor-death messages are several lines (class, id, pid, ip, then the cause): keep the cause."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    details = [line for line in lines[1:] if not line.split(":")[0] in ("class_name", "actor_id", "pid", "name",
-                                                                           "namespace", "ip")]
-    return " ".join(details) or (lines[0] if lines else type(error).__name__)
-
-
-def _why_pending(resources: Resources) -> str:
-    """Why no node takes the actor now: none is big enough (autoscaler?), or all are busy."""
-    import ray
-
-    asked = {"CPU": resources.num_cpus, "GPU": resources.num_gpus, **resources.custom}
-    asked = {k: v for k, v in asked.items() if v}
-    try:
-        nodes = [n for n in ray.nodes() if n.get("Alive")]
-        draining = private.draining_nodes()
-        free = ray.available_resources()
-    except Exception as e:
-        return f"(could not read the cluster's state: {e})"
-    fits = [n for n in nodes if all(n.get("Resources", {}).get(k, 0) >= v for k, v in asked.items())
-            and n["NodeID"] not in draining]
-    free_text = ", ".join(f"{k}={free.get(k, 0):g}" for k in asked) or "nothing asked"
-    drain_text = f"; {len(draining)} node(s) draining" if draining else ""
-    labels = f" and labels {resources.label_selector}" if resources.label_selector else ""
-    if not fits:
-        return (f"no live node has that much{labels} ({len(nodes)} node(s){drain_text}); waiting for one to join "
-                "(an autoscaler adds nodes; else check --num-gpus/--num-cpus/--resource)")
-    return f"{len(fits)} node(s) could take it but are busy (free now: {free_text}{drain_text})"

@@ -98,15 +98,22 @@ class RayDrainNotice:
 
 
 class DriverStop:
-    """A notice source the driver sets through the actor (Ctrl-C or SIGTERM of the driver)."""
+    """A notice source the driver sets through the actor: Ctrl-C or SIGTERM of the driver, or the
+    drain of another worker's node in a group (then with that drain's deadline)."""
 
     def __init__(self):
         self.name = "stop requested by the driver"
         self._requested = threading.Event()
+        self._deadline_ms: int | None = None
 
-    def request(self, reason: str) -> None:
-        self.name = f"{reason} of the driver"
+    def request(self, reason: str, deadline_ms: int | None = None) -> None:
+        if self._requested.is_set():
+            return  # the first request wins
+        self.name = f"{reason} of the driver" if deadline_ms is None else f"{reason}, passed on by the driver"
+        self._deadline_ms = deadline_ms
         self._requested.set()
 
     def poll(self) -> float | None:
-        return math.inf if self._requested.is_set() else None
+        if not self._requested.is_set():
+            return None
+        return math.inf if not self._deadline_ms else self._deadline_ms / 1000.0 - time.time()

@@ -1,0 +1,164 @@
+"""Multi-worker runs on 127.0.0.1: steps/s against `tf_keras` `fit`, and notice-to-commit.
+
+Two benchmarks on real worker processes, each with its own `TF_CONFIG` (loopback
+gRPC between them, no Ray), MultiWorkerMirroredStrategy over one logical CPU
+device per worker:
+
+**Steps/s.** Every worker of a 2-worker group runs `bench/multi_worker_steps.py`,
+which trains the same MLP on the same global batches with our loop (Keras 3)
+and with `tf_keras` `fit` (Keras 2: the only multi-worker Keras path users have,
+through `TF_USE_LEGACY_KERAS=1`), in turns, under one strategy, in the same
+processes: a ratio is taken within a repetition. Then one process trains the same
+job alone (1 worker, 1 device) with the same global batch: the 2-worker against
+1-worker figure, taken from consecutive runs, not interleaved ones.
+
+**Notice to commit.** A 2-worker run of `bench/bench_job.py` (a Dense model
+whose checkpoint is about S MB) trains; the benchmark sends SIGTERM to worker 1
+alone and times, from outside, the signal to the chief's "state committed" line.
+The baseline is the same run on 1 worker (1 device), signalled the same way. Trials
+alternate. The chief's own log splits its flush into waiting for the step in flight,
+the host copy and the write.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from bench.procs import ROOT, Training, child_env, cluster_trainer_command
+from cluster_trainer.workers import Workers, loopback_addresses
+
+STEPS_WORKER = str(ROOT / "bench" / "multi_worker_steps.py")
+SAMPLES, BATCH = 8192, 128  # the steps/s benchmark's data: 64 global batches per epoch
+FLUSH_BATCH = 16
+FLUSH_WARM_STEPS = 10
+GROUP_TIMEOUT = 1800
+
+
+def _steps_processes(workers: int, variants: str, work: Path, args) -> list[dict]:
+    """Run `multi_worker_steps.py` as `workers` processes; each one's JSON result."""
+    addresses = loopback_addresses(workers)
+    run_dir = work / f"runs-{workers}"
+    env = child_env(BENCH_VARIANTS=variants, BENCH_REPEATS=args.repeats, BENCH_EPOCHS=args.epochs,
+                    BENCH_WIDTH=args.widths[0], BENCH_SAMPLES=SAMPLES, BENCH_BATCH=BATCH, BENCH_RUN_DIR=run_dir)
+    processes, outputs = [], []
+    for index in range(workers):
+        output = work / f"steps-{workers}-{index}.out"
+        extra = {"TF_CONFIG": Workers(addresses, index).tf_config()} if workers > 1 else {}
+        with open(output, "w") as sink:
+            processes.append(subprocess.Popen([sys.executable, STEPS_WORKER], env={**env, **extra}, cwd=ROOT,
+                                              stdout=sink, stderr=subprocess.STDOUT))
+        outputs.append(output)
+    try:
+        codes = [p.wait(timeout=GROUP_TIMEOUT) for p in processes]
+    finally:
+        for p in processes:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    if any(codes):
+        raise RuntimeError(f"steps/s workers exited {codes}:\n{outputs[0].read_text()[-3000:]}")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return [json.loads(o.read_text().strip().splitlines()[-1]) for o in outputs]
+
+
+def measure_steps(args, work: Path) -> dict:
+    group = _steps_processes(2, "ours,keras2", work, args)
+    alone = _steps_processes(1, "ours", work, args)[0]
+    return {"group": group[0], "alone": alone}
+
+
+def steps_table(result: dict, repeats: int, epochs: int, width: int) -> str:
+    group, alone = result["group"], result["alone"]
+    ours, keras2 = group["rates"]["ours"], group["rates"]["keras2"]
+    paired = sorted(a / b for a, b in zip(ours, keras2))
+    to_alone = statistics.median(ours) / statistics.median(alone["rates"]["ours"])
+    best = group["best"]
+    rows = [
+        "| variant | steps/s: median (best epoch) | ratio |",
+        "|---|---:|---:|",
+        f"| `tf_keras` `fit`, 2 workers (baseline) | {statistics.median(keras2):.1f} ({best['keras2']:.1f}) | 1.00 |",
+        f"| cluster-trainer loop, 2 workers | {statistics.median(ours):.1f} ({best['ours']:.1f}) | "
+        f"**{statistics.median(paired):.2f}** ({paired[0]:.2f}–{paired[-1]:.2f}), best {best['ours'] / best['keras2']:.2f} |",
+        f"| cluster-trainer loop, 1 worker (same global batch) | {statistics.median(alone['rates']['ours']):.1f} "
+        f"({alone['best']['ours']:.1f}) | 2 workers / 1 worker: **{to_alone:.2f}** |",
+    ]
+    return (f"MLP 64-{width}-{width}-10, {SAMPLES} examples, global batch {BATCH} ({group['steps']} "
+            f"steps/epoch); {repeats} repetitions of {epochs} timed epochs (the median epoch of each); 1 logical CPU "
+            "device per worker. Ratio to `fit`: the median (range) of the ratios within each repetition, and of the "
+            "fastest epochs.\n\n" + "\n".join(rows) + "\n")
+
+
+def flush_trial(workers: int, megabytes: int, number: int, work: Path) -> dict:
+    uri = str(work / f"flush-{workers}w-{megabytes}mb-{number}")
+    env = child_env(BENCH_MODEL=f"dense:{megabytes}", BENCH_SAMPLES=FLUSH_BATCH * 200, BENCH_BATCH=FLUSH_BATCH,
+                    BENCH_EPOCHS=1000)
+    addresses = loopback_addresses(workers)
+    runs = []
+    try:
+        for index in range(workers):
+            extra = {"TF_CONFIG": Workers(addresses, index).tf_config()} if workers > 1 else {}
+            runs.append(Training(cluster_trainer_command(uri, 1), {**env, **extra}, work,
+                                 f"flush-{workers}w-{megabytes}-{number}-{index}"))
+        runs[0].wait_for_step(FLUSH_WARM_STEPS)
+        sent = runs[-1].signal(signal.SIGTERM)  # worker 1 of 2, or the only one
+        codes = [run.wait() for run in runs]
+    finally:
+        for run in runs:
+            run.stop()
+    chief = runs[0]
+    if codes != [75] * workers or chief.line_time("after the notice") is None:
+        raise RuntimeError(f"the {workers}-worker flush run exited {codes}:\n{chief.tail()}")
+    stages = (chief.line("flush of ") or "").split("flush of ", 1)[-1].strip()
+    size = float(re.match(r"([\d.]+) MB", stages).group(1)) if re.match(r"([\d.]+) MB", stages) else float("nan")
+    shutil.rmtree(uri, ignore_errors=True)
+    return {"workers": workers, "megabytes": size, "signal_to_commit": chief.line_time("after the notice") - sent,
+            "signal_to_flush": chief.line_time("committing at epoch") - sent,
+            "signal_to_exit": max(run.exited for run in runs) - sent, "stages": stages}
+
+
+def measure_flush(sizes: list[int], repeats: int, work: Path) -> list[dict]:
+    trials = []
+    for repeat in range(repeats):
+        for megabytes in sizes:
+            for workers in (1, 2):
+                trial = flush_trial(workers, megabytes, repeat, work)
+                trials.append(trial)
+                print(f"flush {repeat + 1}/{repeats} {workers} worker(s) {trial['megabytes']:.0f} MB: signal->commit "
+                      f"{trial['signal_to_commit']:.2f}s (the chief began its flush at {trial['signal_to_flush']:.2f}s); "
+                      f"flush of {trial['stages']}", flush=True)
+    return trials
+
+
+def flush_table(trials: list[dict]) -> str:
+    rows = ["| checkpoint | 1 worker: signal → commit | 2 workers: signal to worker 1 → chief's commit | "
+            "2 workers / 1 worker | signal → the chief begins its flush (1 / 2 workers) | signal → every worker exited (2 workers) |",
+            "|---:|---:|---:|---:|---:|---:|"]
+    for size in sorted({round(t["megabytes"]) for t in trials}):
+        group = [t for t in trials if round(t["megabytes"]) == size]
+        med = lambda workers, key: statistics.median(t[key] for t in group if t["workers"] == workers)  # noqa: E731
+        one, two = med(1, "signal_to_commit"), med(2, "signal_to_commit")
+        rows.append(f"| {size} MB | {one:.2f} s | {two:.2f} s | **{two / one:.2f}x** | {med(1, 'signal_to_flush'):.2f} s / "
+                    f"{med(2, 'signal_to_flush'):.2f} s | {med(2, 'signal_to_exit'):.2f} s |")
+    return ("Median of the trials per row; 1 and 2 workers alternate. A notice reaches the chief with the votes of "
+            "the step in flight on worker 1 (or of the next one, if that step had read them already).\n\n"
+            + "\n".join(rows) + "\n")
+
+
+def run(args, machine: str) -> tuple[str, dict]:
+    work = Path(tempfile.mkdtemp(prefix="bench-multi-worker-"))
+    try:
+        steps = measure_steps(args, work)
+        flush = measure_flush(args.state_sizes, args.repeats, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    text = ("2 worker processes on 127.0.0.1 (loopback gRPC), 1 logical CPU device each. " + machine + "\n\n"
+            + steps_table(steps, args.repeats, args.epochs, args.widths[0]) + "\n" + flush_table(flush))
+    return text, {"steps": steps, "flush": flush}
