@@ -89,6 +89,8 @@ def enable_determinism(seed: int) -> None:
 
 def on_several_workers(strategy: tf.distribute.Strategy) -> bool:
     """Whether some of the strategy's replicas are on other workers (machines, processes)."""
+    if not tf.distribute.has_strategy() and strategy is tf.distribute.get_strategy():
+        return False  # the default strategy (a model built outside any scope): one process, one replica
     return len(strategy.extended.worker_devices) < strategy.num_replicas_in_sync
 
 

@@ -123,9 +123,12 @@ def test_a_sweep_driver_killed_midway_continues_and_finished_trials_are_not_run_
     try:
         trial = first.wait_for(r"cluster-trainer \[(\w+)\]: actor 1 running").group(1)
         wait_until(lambda: finished(str(storage / trial)), f"trial {trial} to finish")
-        second = first.wait_for(rf"cluster-trainer \[(?!{trial})(\w+)\]: actor 1 running").group(1)
+        running = first.wait_for(rf"cluster-trainer \[(?!{trial})(\w+)\]: actor 1 running on node \w+ \(.*?pid (\d+)\)")
+        second, actor_pid = running.group(1), int(running.group(2))
         wait_until(lambda: (latest_or_none(str(storage / second)) or 0) > 0, f"trial {second} to commit")
-        # A restore knows only the trials Tune's last saved state holds (it saves every 10 s or more).
+        # A restore knows only the trials Tune's last saved state holds (it saves every 10 s or more); the
+        # trial's process is frozen meanwhile, so that it is still mid-run when the driver dies.
+        os.kill(actor_pid, signal.SIGSTOP)
         wait_until(lambda: second in tune_state(storage), f"Tune's saved state to hold trial {second}")
         first.process.send_signal(signal.SIGKILL)  # the driver is gone; its trials' actors die with it
         first.process.wait()
