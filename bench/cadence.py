@@ -37,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.imds import RebalanceServer
+from bench.imds import MetadataServer
 from bench.preemption import RerunResult, schedule
 from bench.procs import Training, child_env, cluster_trainer_command
 from cluster_trainer.checkpoint import CheckpointStore
@@ -148,7 +148,7 @@ def oracle_interval(points: list[int], steps_per_epoch: int, total: int, save_se
 
 
 def run_policy(method: str, every: str, points: list[int], steps_per_epoch: int, megabytes: int, work: Path,
-               imds: RebalanceServer | None, lead_steps: int = 0) -> PolicyRun:
+               imds: MetadataServer | None, lead_steps: int = 0) -> PolicyRun:
     uri = str(work / "runs" / method)
     env = child_env(BENCH_MODEL=f"dense:{megabytes}", BENCH_SAMPLES=steps_per_epoch * BATCH, BENCH_BATCH=BATCH,
                     BENCH_EPOCHS=EPOCHS, BENCH_EVERY_STEPS=every, BENCH_EVERY_EPOCH=1)
@@ -186,7 +186,7 @@ def run_reruns(steps_per_epoch: int, megabytes: int, kills: int, seed: int, meth
     total = EPOCHS * steps_per_epoch
     points = schedule(total, kills, seed)
     results: dict[str, PolicyRun] = {}
-    imds = RebalanceServer()
+    imds = MetadataServer()
     try:
         for method in methods:
             label, every, warned = METHODS[method]

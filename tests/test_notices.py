@@ -5,17 +5,14 @@ and EC2's (IMDSv2: a session token first); the runs are real processes.
 """
 
 import contextlib
-import http.server
-import json
 import re
-import threading
 import time
-from datetime import datetime, timedelta, timezone
 
 import fsspec
 import pyarrow.parquet as pq
 import pytest
 
+from bench.imds import MetadataServer
 from cluster_trainer.preemption import AwsSpotNotice, FileNotice, GceMetadataNotice, PreemptionWatcher, notice_sources
 from cluster_trainer.errors import ConfigError
 from faulty_proxy import FaultyProxy
@@ -25,74 +22,6 @@ from cluster_trainer.history import read_history
 from cluster_trainer.storage import Storage
 
 EXIT_PREEMPTED = 75
-
-
-class MetadataServer:
-    """Answers like the GCE metadata server and EC2's IMDSv2; `preempt()` raises the notice."""
-
-    TOKEN = "imds-session-token"
-
-    def __init__(self, aws_seconds_left: float = 120.0):
-        self.preempted = False
-        self.aws_seconds_left = aws_seconds_left
-        self.rebalance: str | None = None  # EC2's noticeTime, once it recommends a rebalance
-        self.maintenance = "NONE"  # GCE's maintenance-event
-        self.requests: list[str] = []
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def _answer(self, code: int, body: str = "") -> None:
-                data = body.encode()
-                self.send_response(code)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_PUT(self):
-                server.requests.append(f"PUT {self.path}")
-                if self.path == "/latest/api/token" and self.headers.get("X-aws-ec2-metadata-token-ttl-seconds"):
-                    return self._answer(200, MetadataServer.TOKEN)
-                self._answer(400)
-
-            def do_GET(self):
-                server.requests.append(f"GET {self.path}")
-                if self.path.startswith("/computeMetadata/v1/instance/"):
-                    if self.headers.get("Metadata-Flavor") != "Google":
-                        return self._answer(403, "Missing Metadata-Flavor:Google header.")
-                    field = self.path.rsplit("/", 1)[1]
-                    if field == "preempted":
-                        return self._answer(200, "TRUE" if server.preempted else "FALSE")
-                    if field == "maintenance-event":
-                        return self._answer(200, server.maintenance)
-                elif self.path == "/latest/meta-data/spot/instance-action":
-                    if self.headers.get("X-aws-ec2-metadata-token") != MetadataServer.TOKEN:
-                        return self._answer(401)
-                    if not server.preempted:
-                        return self._answer(404, "Not Found")
-                    when = datetime.now(timezone.utc) + timedelta(seconds=server.aws_seconds_left)
-                    return self._answer(200, json.dumps({"action": "terminate", "time": when.strftime("%Y-%m-%dT%H:%M:%SZ")}))
-                elif self.path == "/latest/meta-data/events/recommendations/rebalance":
-                    if self.headers.get("X-aws-ec2-metadata-token") != MetadataServer.TOKEN:
-                        return self._answer(401)
-                    if server.rebalance is None:
-                        return self._answer(404, "Not Found")
-                    return self._answer(200, json.dumps({"noticeTime": server.rebalance}))
-                self._answer(404)
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.host = f"127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def preempt(self) -> None:
-        self.preempted = True
-
-    def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.fixture
