@@ -19,10 +19,13 @@ on the driver. What Ray Tune 2.60 unpickles, checked in its source:
 The driver records an HMAC-SHA256 of every version of these files it writes
 (`tuner.pkl` once it exists; the others when Tune checkpoints the experiment,
 from Tune's local staging directory, before Tune uploads them) in
-`<sweep>/tune-seal.json`, itself authenticated with the same key. Before a
-restore, and before the results of `fit` are read, every such file in storage
-must match a recorded version, else the sweep is refused in one line and
-nothing is unpickled.
+`<sweep>/tune-seal.json`, itself authenticated with the same key, and keeps a
+copy of the newest version in `<sweep>/tune-sealed/`. Before a restore, and
+before the results of `fit` are read, every such file in storage must match a
+recorded version, else the sweep is refused in one line and nothing is
+unpickled. One exception: a file that is the start of the newest sealed version
+(Tune uploads in place; its driver died mid-upload to a local or NFS path) is
+replaced by the sealed copy, with a warning.
 
 The key is a local file only drivers can read, `CLUSTER_TRAINER_SWEEP_KEY_FILE`
 (default `~/.config/cluster-trainer/sweep.key`, created with mode 0600 when a
@@ -57,6 +60,7 @@ import glob
 import hashlib
 import hmac
 import json
+import logging
 import os
 import secrets
 import threading
@@ -66,9 +70,15 @@ from ray import tune
 from cluster_trainer.errors import ClusterTrainerError
 from cluster_trainer.storage import Storage
 
+log = logging.getLogger(__name__)
+
 KEY_FILE_ENV = "CLUSTER_TRAINER_SWEEP_KEY_FILE"
 SEAL_FILE = "tune-seal.json"
 TUNE_DIR = "tune"
+# The newest sealed version of each file, written atomically beside Tune's state: Tune uploads its
+# files in place, so a driver killed mid-upload to a local or NFS path leaves a torn file, which the
+# copy puts back (object stores write whole objects).
+SEALED_COPIES = "tune-sealed"
 # Versions of each file kept in the seal: Tune uploads in the background, so storage may hold
 # a version older than the newest sealed one when the driver dies.
 KEEP_VERSIONS = 4
@@ -173,15 +183,16 @@ class TuneStateSeal:
     def record_many(self, versions: dict[str, bytes]) -> None:
         with self._lock:
             files = self._load()
-            changed = False
+            changed = {}
             for name, data in versions.items():
                 mac = self._mac(name, data)
                 kept = files.setdefault(name, [])
                 if mac not in kept:
                     kept.insert(0, mac)
                     del kept[KEEP_VERSIONS:]
-                    changed = True
+                    changed[f"{SEALED_COPIES}/{name}"] = data
             if changed:
+                self.store.put_many(changed)  # the copies first: a copy the seal does not name is never used
                 self.store.put(SEAL_FILE, json.dumps({"files": files, "mac": self._seal_mac(files)},
                                                      sort_keys=True).encode())
 
@@ -223,13 +234,29 @@ class TuneStateSeal:
                 "by another program, or by a cluster-trainer older than the seal): continuing would unpickle it, "
                 "which runs code. Start the sweep again at a new --storage")
         for name in names:
-            if self._mac(name, self._read_state_file(name)) not in files.get(name, []):
+            stored = self._read_state_file(name)
+            if self._mac(name, stored) not in files.get(name, []) and not self._put_back_torn(name, stored, files):
                 run_dir = self.store.path("<trial id>")
                 raise SweepStateError(
                     f"the Ray Tune state {name} of the sweep at {self.store.uri} was not written by this sweep's "
                     "driver (it matches none of the versions the driver sealed): continuing would unpickle it, which "
                     f"runs code. Start the sweep again at a new --storage; each trial's run under {run_dir} stays "
                     "readable (`cluster-trainer history`)")
+
+
+    def _put_back_torn(self, name: str, stored: bytes, files: dict[str, list[str]]) -> bool:
+        """If `stored` is the start of the newest sealed version of `name` (Tune's upload cut short when
+        its driver died), write that version over it and say so; else False (any other content is refused)."""
+        try:
+            copy = self._read_state_file(f"{SEALED_COPIES}/{name}")
+        except (OSError, ClusterTrainerError):  # no copy, or one that is not a plain file of the sweep's
+            return False
+        if len(stored) >= len(copy) or not copy.startswith(stored) or self._mac(name, copy) not in files.get(name, []):
+            return False
+        self.store.put(name, copy)
+        log.warning("the Ray Tune state %s of the sweep at %s was cut short (%d of %d bytes: its driver died while "
+                    "uploading it); put back the version the driver sealed", name, self.store.uri, len(stored), len(copy))
+        return True
 
 
 def _unpickled_by_tune(names: list[str]) -> list[str]:
