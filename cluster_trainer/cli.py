@@ -365,8 +365,8 @@ def _sweep(args) -> int:
     from cluster_trainer.job import load_job
     from cluster_trainer.sweep import parse_space, sweep
 
+    space = parse_space(args.grid, args.choice, args.uniform, args.loguniform)  # before TensorFlow's seconds of import
     job = load_job(args.job).with_overrides(args.overrides)
-    space = parse_space(args.grid, args.choice, args.uniform, args.loguniform)
     table = sweep(
         job, space, storage=args.storage, metric=args.metric, mode=args.mode, num_samples=args.num_samples,
         search=args.search, seed=args.seed, fresh_workers=args.fresh_workers,
