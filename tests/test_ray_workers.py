@@ -1,6 +1,6 @@
 """One run on several Ray nodes (`--workers 2`), on a real local Ray cluster: a drained node, a worker
-killed without notice, a driver stopped and a run resumed when only one node is free, and
-`ray job submit`.
+killed without notice, a driver stopped and a run resumed when only one node is free,
+`ray job submit`, and a sweep whose trials each train on two nodes.
 
 One cluster for the module, started by the first test that asks for it and stopped by PID
 (`ray_cluster.py`): three nodes on 127.0.0.1, a head and two raylets with 1 CPU each, so a group of
@@ -32,6 +32,8 @@ import pytest
 
 import cluster_trainer as ct
 from cluster_trainer.chaos import compare_histories
+from cluster_trainer.sweep import read_trials
+from cluster_trainer.sweep_seal import KEY_FILE_ENV
 from harness import ROOT, TEST_JOB, Driver, assert_bitwise_equal_runs, cli_env, latest, wait_until
 from ray_cluster import RayCluster, _alive
 from workers_harness import WORKERS_EPOCHS
@@ -264,6 +266,31 @@ def test_a_stopped_two_worker_run_resumes_on_one_worker_at_the_next_batch_when_o
     assert re.search(rf"run completed: .* \(epoch {EPOCHS}, global step {STEPS}, attempt 2\)", output), output[-3000:]
     assert latest(storage).state["replicas"] == 1
     print(f"elastic test: {time.monotonic() - started:.0f}s")
+
+
+# -- a sweep whose trials span nodes ---------------------------------------------------------------
+
+
+def test_a_sweep_on_two_workers_trains_each_trial_on_two_nodes_as_two_workers_train_without_ray(
+        cluster, two_workers, tmp_path):
+    nodes(cluster)
+    storage = tmp_path / "sweep"
+    command = [sys.executable, "-m", "cluster_trainer", "sweep", TEST_JOB, "--storage", str(storage), "--devices", "1",
+               "--epochs", str(EPOCHS), "--workers", "2", "--ray-address", cluster.address,
+               "--grid", "lr=0.01"]  # the job's own learning rate: the trial is the reference run
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                            env=cli_env(**cluster.env, **{KEY_FILE_ENV: str(tmp_path / "sweep.key")}))
+    output = result.stdout + result.stderr  # the trials' lines, as Ray forwards them to the driver
+    assert result.returncode == 0, output[-6000:]
+    assert re.search(r"running up to \d+ trial\(s\) at once, .* per worker, 2 workers", output), output[-6000:]
+    placed = set(re.findall(r"group 1 worker [01] running on node (\w+)", output))
+    assert len(placed) == 2, output[-6000:]  # the trial's two workers, one per node
+    table = read_trials(str(storage))
+    assert list(table["status"]) == ["completed"] and list(table["epochs"]) == [EPOCHS], table.to_string()
+    trial = latest(table["run_uri"].iloc[0])
+    assert trial.state["replicas"] == 2 and trial.attempt == 1
+    assert_bitwise_equal_runs(latest(two_workers[0]), trial)
+    assert_equal_histories(two_workers[0], table["run_uri"].iloc[0])
 
 
 # -- the group-restart benchmark -------------------------------------------------------------------
