@@ -9,7 +9,8 @@ import pytest  # noqa: E402
 
 from harness import cli, train_cmd  # noqa: E402
 from stores import GCSServer, S3Server  # noqa: E402
-from workers_harness import WORKERS_EPOCHS, WorkerGroup, once_per_session  # noqa: E402
+from harness import once_per_session  # noqa: E402
+from workers_harness import WORKERS_EPOCHS, WorkerGroup  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -27,12 +28,16 @@ def gcs():
 
 
 @pytest.fixture(scope="session")
-def mlp_reference(tmp_path_factory):
-    """The uninterrupted MLP run (default checkpoint policy), shared by the resume tests."""
-    storage = tmp_path_factory.mktemp("mlp-reference") / "run"
-    result = cli(*train_cmd(storage))
-    assert result.returncode == 0, result.stderr
-    return storage
+def mlp_reference(tmp_path_factory, worker_id):
+    """The uninterrupted MLP run (default checkpoint policy), shared by the resume tests: trained once
+    per session, even under pytest-xdist. Tests read it; one that would change it works on `copy_of` it."""
+
+    def train(work: Path) -> dict:
+        result = cli(*train_cmd(work / "run"))
+        assert result.returncode == 0, result.stderr
+        return {"storage": str(work / "run")}
+
+    return Path(once_per_session(tmp_path_factory, worker_id, "mlp-reference", train)["storage"])
 
 
 @pytest.fixture(scope="session")
@@ -59,3 +64,13 @@ def copy_of(tmp_path):
         return target
 
     return copy
+
+
+def pytest_collection_modifyitems(config, items):
+    """Slow tests first, the quick ones after them (each group in collection order).
+
+    pytest-xdist hands tests out in collection order as workers free up: a minutes-long test handed
+    out last would keep one worker busy while the other idles. Started first, the slow tests overlap,
+    and the hundreds of quick ones fill in whatever gap is left at the end.
+    """
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

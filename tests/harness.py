@@ -11,7 +11,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
+from filelock import FileLock
 
 from cluster_trainer.chaos import compare_runs
 from cluster_trainer.checkpoint import Checkpoint, CheckpointStore
@@ -48,8 +50,8 @@ def train_cmd(storage: Path | str, *extra: str, job: str = TEST_JOB) -> list[str
     return ["run", job, "--storage", str(storage), "--devices", "2", "--verbose", "0", "--no-ray", *extra]
 
 
-def run_and_kill_at(storage: Path | str, pause_at: str, tmp: Path, *extra: str, expect: dict | None = None, **env: str) -> None:
-    """Start a run that parks itself at `pause_at` (`hook:global_step`), then SIGKILL it there.
+def run_and_kill_at(storage: Path | str, pause_at: str, tmp: Path, *extra: str, expect: dict | None = None, **env: str) -> str:
+    """Start a run that parks itself at `pause_at` (`hook:global_step`), then SIGKILL it there; its output.
 
     With `expect` (a partial position), wait until the background writer has
     committed a checkpoint at that position before killing.
@@ -85,6 +87,7 @@ def run_and_kill_at(storage: Path | str, pause_at: str, tmp: Path, *extra: str, 
         process.send_signal(signal.SIGKILL)
         process.wait()
     assert process.returncode == -signal.SIGKILL
+    return output.read_text()
 
 
 def _committed_at(storage: Path | str, expect: dict) -> bool:
@@ -191,3 +194,21 @@ def wait_until(condition, what: str, timeout: float = TIMEOUT) -> None:
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)
+
+
+def once_per_session(tmp_path_factory, worker_id: str, name: str, compute: Callable[[Path], dict]) -> dict:
+    """`compute(directory)` run once for the whole test session, even with pytest-xdist's workers
+    (each would otherwise run a module's fixture itself): the first to get here computes, the
+    others wait for its JSON-able result. xdist's recipe for a session-wide fixture."""
+    if worker_id == "master":  # no xdist
+        return compute(tmp_path_factory.mktemp(name))
+    root = tmp_path_factory.getbasetemp().parent
+    with FileLock(str(root / f"{name}.lock")):
+        done = root / f"{name}.json"
+        if done.exists():
+            return json.loads(done.read_text())
+        directory = root / name
+        directory.mkdir()
+        result = compute(directory)
+        done.write_text(json.dumps(result))
+        return result

@@ -141,19 +141,17 @@ def _flushed_position(output: str) -> tuple[int, int, int]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("cloud", ["gce", "aws"])
-def test_a_metadata_notice_flushes_the_run_at_a_batch_boundary(cloud, metadata, mlp_reference, tmp_path):
+def test_a_metadata_notice_flushes_the_run_at_a_batch_boundary(metadata, mlp_reference, tmp_path):
+    # GCE's notice here; EC2's instance-action ends the rebalance test below the same way.
     storage = tmp_path / "run"
-    env = {"GCE_METADATA_HOST": metadata.host, "AWS_EC2_METADATA_SERVICE_ENDPOINT": f"http://{metadata.host}",
-           "CT_TEST_STEP_SLEEP": "0.03", "CLUSTER_TRAINER_GRACE_SECONDS": "20"}
-    process, log = start_training(storage, "--notice", cloud, **env)
+    env = {"GCE_METADATA_HOST": metadata.host, "CT_TEST_STEP_SLEEP": "0.03", "CLUSTER_TRAINER_GRACE_SECONDS": "20"}
+    process, log = start_training(storage, "--notice", "gce", **env)
     with _killed_unless_exited(process):
         metadata.preempt()
         process.wait(timeout=60)
     output = log.read_text()
     assert process.returncode == EXIT_PREEMPTED, output
-    source = {"gce": "GCE metadata", "aws": "AWS spot instance-action"}[cloud]
-    assert f"preemption notice ({source})" in output
+    assert "preemption notice (GCE metadata)" in output
     epoch, batch, step = _flushed_position(output)
     position = latest(storage).state["position"]
     assert (position["epoch"], position["batch"], position["global_step"]) == (epoch, batch, step)
@@ -198,10 +196,10 @@ def test_a_notice_during_a_checkpoint_upload_waits_for_it_then_commits_the_next_
         store = CheckpointStore(Storage(uri))
         steps = sorted(int(name.split("-s")[1].split("-")[0]) for name in store.committed())
         assert steps[-2:] == [8, 9], steps  # the upload in flight was finished, not dropped
-        resumed = cli(*train_cmd(uri), AWS_ENDPOINT_URL_S3=proxy.endpoint)
-        assert resumed.returncode == 0, resumed.stderr
     finally:
         proxy.stop()
+    resumed = cli(*train_cmd(uri))  # the rest of the run, without the slow proxy: what it tested is done
+    assert resumed.returncode == 0, resumed.stderr
     # botocore's retry jitter draws from Python's global random: compare the rest.
     assert_bitwise_equal_runs(latest(mlp_reference), latest(uri), python_rng=False)
     # The history is plain Parquet on the bucket, for pandas and pyarrow without cluster-trainer.

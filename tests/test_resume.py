@@ -47,48 +47,28 @@ def test_reference_run_exercises_every_stateful_callback(mlp_reference):
     assert len(callbacks["04-History"]["epoch"]) > 3
 
 
-# Every point on local disk. On the object stores, where what differs is the storage layer and not
-# the loop, one each of the two points whose commits differ most: mid-epoch on S3 (a step checkpoint)
-# and between training and validation on GCS (the epoch's train logs travel in the checkpoint). Each
-# store case costs about a minute of the suite's 2 cores; the stores' layers are also exercised by
-# test_storage_faults.py (S3, with faults) and test_trust.py (both).
-CASES = [(point, "local") for point in INTERRUPTION_POINTS] + [
-    ("mid_epoch", "s3"), ("between_training_and_validation", "gcs"),
-]
+def resumed_at(position: dict, attempt: int) -> str:
+    """The line an attempt prints when it resumes at `position`."""
+    return (f"epoch {position['epoch'] + 1}, batch {position['batch']} (global step {position['global_step']}), "
+            f"attempt {attempt}")
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("point, store", CASES, ids=[f"{store}-{point}" for point, store in CASES])
-def test_resume_after_sigkill_is_bitwise_equal(point, store, request, mlp_reference, tmp_path):
-    """On local disk, on a real S3 server and on a real GCS emulator."""
-    pause_at, expected_position = INTERRUPTION_POINTS[point]
-    storage = str(tmp_path / "run") if store == "local" else request.getfixturevalue(store).uri()
-    run_and_kill_at(storage, pause_at, tmp_path, CT_TEST_EVERY_STEPS="1", expect=expected_position)
-
-    killed = latest(storage)
-    assert {k: killed.state["position"][k] for k in expected_position} == expected_position
-
-    resumed = cli(*train_cmd(storage), CT_TEST_EVERY_STEPS="1")
-    assert resumed.returncode == 0, resumed.stderr
-    p = expected_position
-    assert f"epoch {p['epoch'] + 1}, batch {p['batch']} (global step {p['global_step']}), attempt 2" in resumed.stderr
-
-    final = latest(storage)
-    assert final.attempt == 2
-    assert_bitwise_equal_runs(latest(mlp_reference), final)
-
-
-@pytest.mark.slow
-def test_several_interruptions_in_one_run_are_bitwise_equal(mlp_reference, tmp_path):
-    """Three kills at exact points (mid-epoch, before validation, at an epoch boundary),
-    one at a random moment (possibly mid-write), each resumed."""
+def test_a_run_killed_at_every_kind_of_point_resumes_each_time_at_the_next_batch_and_ends_bitwise_equal(
+        mlp_reference, tmp_path):
+    """One run on local disk, killed at every point in turn (each attempt resumes from the kill before it and
+    is killed at the next point), then once at a random moment (possibly mid-write), then resumed to the end."""
     storage = tmp_path / "run"
-    for pause_at, expected in (
-        ("train_batch_begin:5", {"epoch": 0, "batch": 5}),
-        ("test_begin:48", {"epoch": 2, "batch": 16}),
-        ("epoch_begin:80", {"epoch": 5, "batch": 0}),
-    ):
-        run_and_kill_at(storage, pause_at, tmp_path, CT_TEST_EVERY_STEPS="1", expect=expected)
+    points = [("train_batch_begin:5", {"epoch": 0, "batch": 5, "global_step": 5}), *INTERRUPTION_POINTS.values(),
+              ("epoch_begin:80", {"epoch": 5, "batch": 0, "global_step": 80})]
+    previous = None
+    for attempt, (pause_at, expected) in enumerate(points, start=1):
+        output = run_and_kill_at(storage, pause_at, tmp_path, CT_TEST_EVERY_STEPS="1", expect=expected)
+        if previous is not None:
+            assert resumed_at(previous, attempt) in output, output[-3000:]
+        killed = latest(storage)
+        assert {k: killed.state["position"][k] for k in expected} == expected
+        previous = expected
 
     # A kill at an arbitrary moment, once the run is committing again.
     store = CheckpointStore(Storage(str(storage)))
@@ -109,7 +89,34 @@ def test_several_interruptions_in_one_run_are_bitwise_equal(mlp_reference, tmp_p
     resumed = cli(*train_cmd(storage), CT_TEST_EVERY_STEPS="1")
     assert resumed.returncode == 0, resumed.stderr
     final = latest(storage)
-    assert final.attempt == 5
+    assert final.attempt == len(points) + 2
+    assert_bitwise_equal_runs(latest(mlp_reference), final)
+
+
+# On the object stores, where what differs is the storage layer and not the loop, one each of the two
+# points whose commits differ most: mid-epoch on S3 (a step checkpoint) and between training and
+# validation on GCS (the epoch's train logs travel in the checkpoint). The stores' layers are also
+# exercised by test_storage_faults.py (S3, with faults) and test_trust.py (both).
+CASES = [("mid_epoch", "s3"), ("between_training_and_validation", "gcs")]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("point, store", CASES, ids=[f"{store}-{point}" for point, store in CASES])
+def test_resume_after_sigkill_on_an_object_store_is_bitwise_equal(point, store, request, mlp_reference, tmp_path):
+    """On a real S3 server and on a real GCS emulator."""
+    pause_at, expected_position = INTERRUPTION_POINTS[point]
+    storage = request.getfixturevalue(store).uri()
+    run_and_kill_at(storage, pause_at, tmp_path, CT_TEST_EVERY_STEPS="1", expect=expected_position)
+
+    killed = latest(storage)
+    assert {k: killed.state["position"][k] for k in expected_position} == expected_position
+
+    resumed = cli(*train_cmd(storage), CT_TEST_EVERY_STEPS="1")
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed_at(expected_position, 2) in resumed.stderr
+
+    final = latest(storage)
+    assert final.attempt == 2
     assert_bitwise_equal_runs(latest(mlp_reference), final)
 
 

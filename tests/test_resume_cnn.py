@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from harness import assert_bitwise_equal_runs, cli, latest, run_and_kill_at, train_cmd
+from harness import assert_bitwise_equal_runs, cli, latest, once_per_session, run_and_kill_at, train_cmd
 
 CNN = {"CT_TEST_JOB": "cnn"}
 
@@ -29,11 +29,15 @@ def scalar_events(log_dir: Path) -> collections.Counter:
 
 
 @pytest.fixture(scope="module")
-def cnn_reference(tmp_path_factory):
-    storage = tmp_path_factory.mktemp("cnn-reference") / "run"
-    result = cli(*train_cmd(storage), **CNN)
-    assert result.returncode == 0, result.stderr
-    return storage
+def cnn_reference(tmp_path_factory, worker_id):
+    """The uninterrupted CNN run, trained once per session even when xdist sends the tests to two workers."""
+
+    def train(work: Path) -> dict:
+        result = cli(*train_cmd(work / "run"), **CNN)
+        assert result.returncode == 0, result.stderr
+        return {"storage": str(work / "run")}
+
+    return Path(once_per_session(tmp_path_factory, worker_id, "cnn-reference", train)["storage"])
 
 
 @pytest.mark.slow

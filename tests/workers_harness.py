@@ -3,15 +3,11 @@ its own `TF_CONFIG` and port, signalled and killed one at a time."""
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
-
-from filelock import FileLock
 
 from cluster_trainer.workers import Workers, loopback_addresses
 from harness import ROOT, TEST_JOB, TIMEOUT, cli_env
@@ -87,21 +83,3 @@ class WorkerGroup:
             if p.poll() is None:
                 p.send_signal(signal.SIGKILL)
                 p.wait()
-
-
-def once_per_session(tmp_path_factory, worker_id: str, name: str, compute: Callable[[Path], dict]) -> dict:
-    """`compute(directory)` run once for the whole test session, even with pytest-xdist's workers
-    (each would otherwise run a module's fixture itself): the first to get here computes, the
-    others wait for its JSON-able result. xdist's recipe for a session-wide fixture."""
-    if worker_id == "master":  # no xdist
-        return compute(tmp_path_factory.mktemp(name))
-    root = tmp_path_factory.getbasetemp().parent
-    with FileLock(str(root / f"{name}.lock")):
-        done = root / f"{name}.json"
-        if done.exists():
-            return json.loads(done.read_text())
-        directory = root / name
-        directory.mkdir()
-        result = compute(directory)
-        done.write_text(json.dumps(result))
-        return result
