@@ -31,7 +31,7 @@ demo: $(VENV)/.installed-demo
 	$(BIN)/cluster-trainer status $(RUN)
 
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -n 2
+	$(BIN)/python -m pytest -n 2 --durations=30
 
 test-fast: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -n 2 -m "not slow"

@@ -363,9 +363,10 @@ def _stop_if_signalled_while_starting() -> None:
 
 def _sweep(args) -> int:
     from cluster_trainer.job import load_job
-    from cluster_trainer.sweep import parse_space, sweep
+    from cluster_trainer.sweep import check_space, parse_space, sweep
 
-    space = parse_space(args.grid, args.choice, args.uniform, args.loguniform)  # before TensorFlow's seconds of import
+    space = parse_space(args.grid, args.choice, args.uniform, args.loguniform)
+    check_space(None, space)  # all but the keys, before the job file costs TensorFlow's seconds of import
     job = load_job(args.job).with_overrides(args.overrides)
     table = sweep(
         job, space, storage=args.storage, metric=args.metric, mode=args.mode, num_samples=args.num_samples,

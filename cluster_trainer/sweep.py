@@ -49,18 +49,19 @@ TRIAL_PROCESS_RESOURCES = {"cpu": 0, "memory": 200 * 2**20}
 # -- the search space ------------------------------------------------------------------------
 
 
-def check_space(job: Job, space: Mapping[str, Any]) -> None:
+def check_space(job: Job | None, space: Mapping[str, Any]) -> None:
     """One-line errors for a space that cannot run, before anything starts.
 
     Keys must be keys of the job's `config` (a typo would otherwise sweep nothing);
     grids and choices must not be empty; ranges must have low < high (and low > 0
-    for log-uniform).
+    for log-uniform). Without a job (the CLI, before it loads the job file and so
+    TensorFlow), everything but the keys is checked.
     """
     from ray.tune.search.sample import Categorical, Float, Integer, LogUniform
 
     if not space:
         raise ConfigError("the search space is empty: give at least one of --grid/--choice/--uniform/--loguniform")
-    unknown = sorted(set(space) - set(job.config))
+    unknown = sorted(set(space) - set(job.config)) if job is not None else []
     if unknown:
         raise ConfigError(f"{', '.join(unknown)} {'is' if len(unknown) == 1 else 'are'} not in the job's config "
                           f"(keys: {', '.join(sorted(job.config)) or 'none'}); a sweep can only vary config values")
