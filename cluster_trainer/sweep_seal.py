@@ -243,7 +243,6 @@ class TuneStateSeal:
                     f"runs code. Start the sweep again at a new --storage; each trial's run under {run_dir} stays "
                     "readable (`cluster-trainer history`)")
 
-
     def _put_back_torn(self, name: str, stored: bytes, files: dict[str, list[str]]) -> bool:
         """If `stored` is the start of the newest sealed version of `name` (Tune's upload cut short when
         its driver died), write that version over it and say so; else False (any other content is refused)."""
