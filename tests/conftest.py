@@ -7,9 +7,8 @@ os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # before gc
 
 import pytest  # noqa: E402
 
-from harness import cli, train_cmd  # noqa: E402
+from harness import cli, once_per_session, train_cmd  # noqa: E402
 from stores import GCSServer, S3Server  # noqa: E402
-from harness import once_per_session  # noqa: E402
 from workers_harness import WORKERS_EPOCHS, WorkerGroup  # noqa: E402
 
 
