@@ -31,10 +31,10 @@ demo: $(VENV)/.installed-demo
 	$(BIN)/cluster-trainer status $(RUN)
 
 test: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -n 2 --durations=30
+	$(BIN)/python -m pytest -n 2 --dist worksteal --durations=30
 
 test-fast: $(VENV)/.installed-test
-	$(BIN)/python -m pytest -n 2 -m "not slow"
+	$(BIN)/python -m pytest -n 2 --dist worksteal -m "not slow"
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python -m bench

@@ -68,8 +68,9 @@ def copy_of(tmp_path):
 def pytest_collection_modifyitems(config, items):
     """Slow tests first, the quick ones after them (each group in collection order).
 
-    pytest-xdist hands tests out in collection order as workers free up: a minutes-long test handed
-    out last would keep one worker busy while the other idles. Started first, the slow tests overlap,
-    and the hundreds of quick ones fill in whatever gap is left at the end.
+    `make test` runs pytest-xdist's worksteal scheduler: each worker starts on its half of the list and
+    an idle one takes half of what another has left. A minutes-long test started last would keep one
+    worker busy while the other idles; started first, the slow tests overlap, and the hundreds of quick
+    ones fill in whatever gap is left at the end.
     """
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
