@@ -37,9 +37,11 @@ import time
 from pathlib import Path
 
 from bench.procs import BENCH_JOB, Training, child_env
+from cluster_trainer.checkpoint import CheckpointStore
+from cluster_trainer.storage import Storage
 
 EVERY_STEPS = 8
-KILL_AFTER_STEP = 12  # past the first commit (step 8): the next attempt resumes from it
+KILL_AFTER_STEP = 12  # past the first commit (step 8), once it is committed: the next attempt resumes from it
 STEP_TIMEOUT = 300.0
 
 
@@ -89,7 +91,10 @@ def trial(address: str, workers: int, work: Path, env: dict) -> Trial:
         noun, victim = ("actor", r"actor 1 running") if workers == 1 else ("group", r"group 1 worker 1 running")
         pid = int(_wait(lambda: re.search(rf"{victim} on node \w+ \([^)]*pid (\d+)\)", _text(training)),
                         "the first attempt's actors", training)[1])
-        _wait(lambda: any(p[1] >= KILL_AFTER_STEP for p in _progress(progress)), f"step {KILL_AFTER_STEP}", training)
+        store = CheckpointStore(Storage(str(work / name)))
+        # The commit is uploaded in the background: on a loaded machine step 12 can come before it is in storage.
+        _wait(lambda: any(p[1] >= KILL_AFTER_STEP for p in _progress(progress)) and store.committed(),
+              f"step {KILL_AFTER_STEP} and a committed checkpoint", training)
         killed = time.time()
         os.kill(pid, signal.SIGKILL)
         failed = _wait(lambda: training.line_time(f"{noun} 1 failed:"), "the failure line", training)

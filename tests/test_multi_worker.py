@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from cluster_trainer.chaos import compare_histories
-from harness import ROOT, assert_bitwise_equal_runs, cli_env, latest, tree_digest
-from workers_harness import WORKERS_EPOCHS, WorkerGroup, once_per_session, run_command
+from harness import ROOT, assert_bitwise_equal_runs, cli_env, latest, once_per_session, tree_digest
+from workers_harness import WORKERS_EPOCHS, WorkerGroup, run_command
 
 EPOCHS = WORKERS_EPOCHS  # 32 steps: commits mid-epoch and at epoch ends, a notice mid-epoch; cheap on 2 cores
 EXIT_PREEMPTED = 75
