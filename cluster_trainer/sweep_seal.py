@@ -19,8 +19,8 @@ on the driver. What Ray Tune 2.60 unpickles, checked in its source:
 The driver records an HMAC-SHA256 of every version of these files it writes
 (`tuner.pkl` once it exists; the others when Tune checkpoints the experiment,
 from Tune's local staging directory, before Tune uploads them) in
-`<sweep>/tune-seal.json`, itself authenticated with the same key, and keeps a
-copy of the newest version in `<sweep>/tune-sealed/`. Before a restore, and
+`<sweep>/tune-seal.json`, itself authenticated with the same key, and on a
+local or NFS path keeps a copy of the newest version in `<sweep>/tune-sealed/`. Before a restore, and
 before the results of `fit` are read, every such file in storage must match a
 recorded version, else the sweep is refused in one line and nothing is
 unpickled. One exception: a file that is the start of the newest sealed version
@@ -75,9 +75,9 @@ log = logging.getLogger(__name__)
 KEY_FILE_ENV = "CLUSTER_TRAINER_SWEEP_KEY_FILE"
 SEAL_FILE = "tune-seal.json"
 TUNE_DIR = "tune"
-# The newest sealed version of each file, written atomically beside Tune's state: Tune uploads its
-# files in place, so a driver killed mid-upload to a local or NFS path leaves a torn file, which the
-# copy puts back (object stores write whole objects).
+# The newest sealed version of each file, written atomically beside Tune's state on a local or NFS
+# path: Tune uploads its files there in place, so a driver killed mid-upload leaves a torn file, which
+# the copy puts back. Object stores write whole objects: no copies there (they would double the PUTs).
 SEALED_COPIES = "tune-sealed"
 # Versions of each file kept in the seal: Tune uploads in the background, so storage may hold
 # a version older than the newest sealed one when the driver dies.
@@ -192,7 +192,8 @@ class TuneStateSeal:
                     del kept[KEEP_VERSIONS:]
                     changed[f"{SEALED_COPIES}/{name}"] = data
             if changed:
-                self.store.put_many(changed)  # the copies first: a copy the seal does not name is never used
+                if self.store.is_local:
+                    self.store.put_many(changed)  # the copies first: a copy the seal does not name is never used
                 self.store.put(SEAL_FILE, json.dumps({"files": files, "mac": self._seal_mac(files)},
                                                      sort_keys=True).encode())
 
