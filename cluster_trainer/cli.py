@@ -269,6 +269,8 @@ def _main(argv: list[str] | None) -> int:
             check_arguments(args.output, args.job)  # before TensorFlow's seconds of import
         if args.command == "run":
             _check_run_flags(args)  # one line before TensorFlow's seconds of import
+        if args.command == "sweep":
+            _sweep_space(args)  # likewise: all but the keys, which need the job file
         if args.command in ("run", "export", "sweep") and os.environ["TF_CPP_MIN_LOG_LEVEL"].strip() not in ("0", "1"):
             from cluster_trainer.native_logs import import_tensorflow_quietly
 
@@ -363,10 +365,9 @@ def _stop_if_signalled_while_starting() -> None:
 
 def _sweep(args) -> int:
     from cluster_trainer.job import load_job
-    from cluster_trainer.sweep import check_space, parse_space, sweep
+    from cluster_trainer.sweep import sweep
 
-    space = parse_space(args.grid, args.choice, args.uniform, args.loguniform)
-    check_space(None, space)  # all but the keys, before the job file costs TensorFlow's seconds of import
+    space = _sweep_space(args)
     job = load_job(args.job).with_overrides(args.overrides)
     table = sweep(
         job, space, storage=args.storage, metric=args.metric, mode=args.mode, num_samples=args.num_samples,
@@ -378,6 +379,17 @@ def _sweep(args) -> int:
     )
     print(table.to_string(index=False))
     return EXIT_OK
+
+
+def _sweep_space(args) -> dict:
+    """The space of `sweep`'s flags, checked against everything but the job's keys (a job-less check
+    costs no TensorFlow import)."""
+    from cluster_trainer.sweep import check_search, check_space, parse_space
+
+    space = parse_space(args.grid, args.choice, args.uniform, args.loguniform)
+    check_space(None, space)
+    check_search(args.search, space)
+    return space
 
 
 def _sweep_status(args) -> int:

@@ -246,6 +246,26 @@ def _trial(config: dict, settings: dict) -> None:
 SEARCHES = ("random", "optuna")
 
 
+def check_search(search: str | None, space: Mapping[str, Any]) -> None:
+    """One-line errors for a search algorithm that cannot search `space`: an unknown one, or TPE
+    over a grid (a sampler cannot enumerate one).
+
+    Example:
+        >>> check_search("optuna", {"lr": {"grid_search": [0.1, 0.01]}})
+        Traceback (most recent call last):
+        ...
+        cluster_trainer.errors.ConfigError: --search optuna samples the space and cannot enumerate a grid (lr): give those values with --choice
+    """
+    if search in (None, "random"):
+        return
+    if search != "optuna":
+        raise ConfigError(f"--search must be one of {', '.join(SEARCHES)}, got {search!r}")
+    grids = sorted(k for k, v in space.items() if isinstance(v, dict) and "grid_search" in v)
+    if grids:
+        raise ConfigError(f"--search optuna samples the space and cannot enumerate a grid ({', '.join(grids)}): "
+                          "give those values with --choice")
+
+
 def make_searcher(search: str | None, space: Mapping[str, Any], metric: str, mode: str, seed: int,
                   max_concurrent: int | None):
     """The Tune search algorithm: grid and random sampling (`None`/"random"), or Optuna's TPE ("optuna").
@@ -268,12 +288,7 @@ def make_searcher(search: str | None, space: Mapping[str, Any], metric: str, mod
 
     if search in (None, "random"):
         return BasicVariantGenerator(random_state=seed, max_concurrent=max_concurrent or 0)
-    if search != "optuna":
-        raise ConfigError(f"--search must be one of {', '.join(SEARCHES)}, got {search!r}")
-    grids = sorted(k for k, v in space.items() if isinstance(v, dict) and "grid_search" in v)
-    if grids:
-        raise ConfigError(f"--search optuna samples the space and cannot enumerate a grid ({', '.join(grids)}): "
-                          "give those values with --choice")
+    check_search(search, space)
     try:
         import optuna
     except ImportError:
