@@ -8,9 +8,12 @@ device per worker:
 which trains the same MLP on the same global batches with our loop (Keras 3)
 and with `tf_keras` `fit` (Keras 2: the only multi-worker Keras path users have,
 through `TF_USE_LEGACY_KERAS=1`), in turns, under one strategy, in the same
-processes: a ratio is taken within a repetition. Then one process trains the same
-job alone (1 worker, 1 device) with the same global batch: the 2-worker against
-1-worker figure, taken from consecutive runs, not interleaved ones.
+processes: a ratio is taken within a repetition. Keras 3's own `fit` runs in the
+same turns (with global and with per-worker step logs), to tell our loop's cost
+from Keras 3's. Then one process trains the same job alone (1 worker, 1 device)
+with the same global batch: the 2-worker against 1-worker figure, taken from
+consecutive runs, not interleaved ones. Each worker is pinned to a core of its
+own, as if it had a machine (`BENCH_PIN=0`: they share every core).
 
 **Notice to commit.** A 2-worker run of `bench/bench_job.py` (a Dense model
 whose checkpoint is about S MB) trains; the benchmark sends SIGTERM to worker 1
@@ -23,6 +26,7 @@ the host copy and the write.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -40,6 +44,7 @@ SAMPLES, BATCH = 8192, 128  # the steps/s benchmark's data: 64 global batches pe
 FLUSH_BATCH = 16
 FLUSH_WARM_STEPS = 10
 GROUP_TIMEOUT = 1800
+PIN_WORKERS = os.environ.get("BENCH_PIN", "1") == "1"
 
 
 def _steps_processes(workers: int, variants: str, work: Path, args) -> list[dict]:
@@ -54,7 +59,8 @@ def _steps_processes(workers: int, variants: str, work: Path, args) -> list[dict
         extra = {"TF_CONFIG": Workers(addresses, index).tf_config()} if workers > 1 else {}
         with open(output, "w") as sink:
             processes.append(subprocess.Popen([sys.executable, STEPS_WORKER], env={**env, **extra}, cwd=ROOT,
-                                              stdout=sink, stderr=subprocess.STDOUT))
+                                              stdout=sink, stderr=subprocess.STDOUT,
+                                              preexec_fn=_pin_to_core(index)))
         outputs.append(output)
     try:
         codes = [p.wait(timeout=GROUP_TIMEOUT) for p in processes]
@@ -69,31 +75,51 @@ def _steps_processes(workers: int, variants: str, work: Path, args) -> list[dict
     return [json.loads(o.read_text().strip().splitlines()[-1]) for o in outputs]
 
 
+def _pin_to_core(index: int):
+    """A preexec_fn that keeps worker `index` on a core of its own, as if each worker had a machine of
+    its own (when the machine has a core per worker; otherwise workers share them all)."""
+    cores = sorted(os.sched_getaffinity(0))
+
+    def pin() -> None:
+        if PIN_WORKERS and len(cores) >= 2:
+            os.sched_setaffinity(0, {cores[index % len(cores)]})
+
+    return pin
+
+
 def measure_steps(args, work: Path) -> dict:
-    group = _steps_processes(2, "ours,keras2", work, args)
+    group = _steps_processes(2, "ours,keras2,keras3,keras3-local", work, args)
     alone = _steps_processes(1, "ours", work, args)[0]
     return {"group": group[0], "alone": alone}
 
 
 def steps_table(result: dict, repeats: int, epochs: int, width: int) -> str:
     group, alone = result["group"], result["alone"]
-    ours, keras2 = group["rates"]["ours"], group["rates"]["keras2"]
-    paired = sorted(a / b for a, b in zip(ours, keras2))
-    to_alone = statistics.median(ours) / statistics.median(alone["rates"]["ours"])
-    best = group["best"]
+    rates, best = group["rates"], group["best"]
+    keras2 = rates["keras2"]
+
+    def row(label: str, name: str) -> str:
+        paired = sorted(a / b for a, b in zip(rates[name], keras2))
+        ratio = ("1.00" if name == "keras2" else f"**{statistics.median(paired):.2f}** ({paired[0]:.2f}–{paired[-1]:.2f}), "
+                 f"best {best[name] / best['keras2']:.2f}")
+        return f"| {label} | {statistics.median(rates[name]):.1f} ({best[name]:.1f}) | {ratio} |"
+
+    to_alone = statistics.median(rates["ours"]) / statistics.median(alone["rates"]["ours"])
     rows = [
-        "| variant | steps/s: median (best epoch) | ratio |",
+        "| variant | steps/s: median (best epoch) | ratio to `tf_keras` `fit` |",
         "|---|---:|---:|",
-        f"| `tf_keras` `fit`, 2 workers (baseline) | {statistics.median(keras2):.1f} ({best['keras2']:.1f}) | 1.00 |",
-        f"| cluster-trainer loop, 2 workers | {statistics.median(ours):.1f} ({best['ours']:.1f}) | "
-        f"**{statistics.median(paired):.2f}** ({paired[0]:.2f}–{paired[-1]:.2f}), best {best['ours'] / best['keras2']:.2f} |",
+        row("`tf_keras` `fit`, 2 workers (baseline)", "keras2"),
+        row("cluster-trainer loop, 2 workers", "ours"),
+        row("Keras 3 `fit` with our reduction fix, 2 workers (global per-step logs)", "keras3"),
+        row("Keras 3 `fit`, each step's logs the first local replica's (as `tf_keras`)", "keras3-local"),
         f"| cluster-trainer loop, 1 worker (same global batch) | {statistics.median(alone['rates']['ours']):.1f} "
         f"({alone['best']['ours']:.1f}) | 2 workers / 1 worker: **{to_alone:.2f}** |",
     ]
+    pinned = "each worker pinned to a core of its own" if PIN_WORKERS else "the workers sharing every core"
     return (f"MLP 64-{width}-{width}-10, {SAMPLES} examples, global batch {BATCH} ({group['steps']} "
             f"steps/epoch); {repeats} repetitions of {epochs} timed epochs (the median epoch of each); 1 logical CPU "
-            "device per worker. Ratio to `fit`: the median (range) of the ratios within each repetition, and of the "
-            "fastest epochs.\n\n" + "\n".join(rows) + "\n")
+            f"device per worker, {pinned} (the 1-worker run too). Ratio: the median (range) of the ratios within "
+            "each repetition, and of the fastest epochs.\n\n" + "\n".join(rows) + "\n")
 
 
 def flush_trial(workers: int, megabytes: int, number: int, work: Path) -> dict:

@@ -8,9 +8,15 @@ prints one JSON line: each variant's steps/s per repetition (its median epoch
 after the first, which includes tracing).
 
 Variants:
-    ours     cluster-trainer's loop (`cluster_trainer.train`) on Keras 3, no checkpoints
-    keras2   `tf_keras` (Keras 2, what `TF_USE_LEGACY_KERAS=1` gives `tf.keras`) `model.fit`
-             on a tf.data pipeline of the same global batches, auto-sharded by TensorFlow
+    ours          cluster-trainer's loop (`cluster_trainer.train`) on Keras 3, no checkpoints
+    keras2        `tf_keras` (Keras 2, what `TF_USE_LEGACY_KERAS=1` gives `tf.keras`) `model.fit`
+                  on a tf.data pipeline of the same global batches, auto-sharded by TensorFlow
+    keras3        Keras 3 `model.fit` on that pipeline, made to run on several workers by the
+                  reduction fix our loop uses (`keras_compat.fix_multi_worker_step_reduction`):
+                  each step's logs are the mean over every worker's replicas, in one all-reduce
+    keras3-local  the same, but each step's logs are the first local replica's, as `tf_keras`
+                  returns them: no all-reduce beyond the gradients'. Against `keras3`, the
+                  price of global per-step logs; against `ours`, of everything else our loop does
 
 Environment: BENCH_VARIANTS (comma-separated), BENCH_REPEATS, BENCH_EPOCHS (timed epochs),
 BENCH_WIDTH, BENCH_SAMPLES, BENCH_BATCH, BENCH_RUN_DIR (the runs of our loop; the same path on
@@ -107,15 +113,53 @@ def run_keras2(repeat: int) -> list[float]:
     with STRATEGY.scope():
         model = tf_keras.Sequential(layers(tf_keras))
         model.compile(optimizer="adam", loss="categorical_crossentropy", metrics=["accuracy"])
-    # The global batches our loop feeds (epoch 0's order), as a user of fit would build them.
-    dataset = ArraySource(make_data(), shuffle=True).epoch_dataset(0, 0, BATCH)
-    options = tf.data.Options()
-    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
-    model.fit(dataset.with_options(options), epochs=EPOCHS + 1, callbacks=[callback()], verbose=0)
+    model.fit(_fit_dataset(), epochs=EPOCHS + 1, callbacks=[callback()], verbose=0)
     return timer.times[1:]
 
 
-VARIANTS = {"ours": run_ours, "keras2": run_keras2}
+def _fit_dataset() -> tf.data.Dataset:
+    """The global batches our loop feeds (epoch 0's order), as a user of fit would build them."""
+    dataset = ArraySource(make_data(), shuffle=True).epoch_dataset(0, 0, BATCH)
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return dataset.with_options(options)
+
+
+def run_keras3(repeat: int, local_logs: bool = False) -> list[float]:
+    from keras.src import tree
+    from keras.src.backend.tensorflow import trainer
+
+    from cluster_trainer import keras_compat
+
+    keras_compat.fix_multi_worker_step_reduction()
+    fixed, votes = trainer.reduce_per_replica, dict(keras_compat._step_votes)
+    keras_compat._step_votes.clear()  # our loop's votes ride its steps only
+    if local_logs:
+        trainer.reduce_per_replica = lambda values, strategy, reduction: tree.map_structure(
+            lambda value: strategy.experimental_local_results(value)[0], values)
+    timer = EpochTimer()
+    callback = type("Timer", (keras.callbacks.Callback,), {
+        "on_epoch_begin": lambda self, e, logs=None: timer.on_epoch_begin(e),
+        "on_epoch_end": lambda self, e, logs=None: timer.on_epoch_end(e)})
+    try:
+        keras.utils.set_random_seed(0)
+        with STRATEGY.scope():
+            model = keras.Sequential(layers(keras))
+            model.compile(optimizer="adam", loss="categorical_crossentropy", metrics=["accuracy"])
+            x, y = make_data()
+            keras_compat.symbolic_build(model, (tf.constant(x[:BATCH]), tf.constant(y[:BATCH])))
+        # Keras 3.15's fit builds the model from its first batch by `strategy.reduce("MEAN", batch)`, which
+        # fails under a multi-worker strategy (a PerReplica it cannot convert); built above, as our loop does.
+        model._maybe_symbolic_build = lambda iterator=None, data_batch=None: None
+        model.fit(_fit_dataset(), epochs=EPOCHS + 1, callbacks=[callback()], verbose=0)
+    finally:
+        trainer.reduce_per_replica = fixed
+        keras_compat._step_votes.update(votes)
+    return timer.times[1:]
+
+
+VARIANTS = {"ours": run_ours, "keras2": run_keras2, "keras3": run_keras3,
+            "keras3-local": lambda repeat: run_keras3(repeat, local_logs=True)}
 
 
 def main() -> int:
