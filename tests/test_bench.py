@@ -77,6 +77,8 @@ def test_multi_worker_benchmark_runs_at_smallest_size(tmp_path):
     assert rows[0].endswith("| 1.00 |")  # the baseline against itself
     assert "2 workers / 1 worker: **" in rows[4], out
     assert rows[5].startswith("| 13 MB |") and rows[5].count(" s |") >= 3, out  # one Dense 1024x1024 layer with Adam
+
+
 def test_cadence_benchmark_runs_at_smallest_size(tmp_path):
     out = bench("--only", "cadence", "--epochs", "1", "--cadence-width", "8", "--cadence-steps", "20",
                 "--cadence-mb", "1", "--cadence-kills", "1", "--cadence-methods", "auto", "oracle", tmp_path=tmp_path)
