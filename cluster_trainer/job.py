@@ -385,15 +385,28 @@ def _article(word: str) -> str:
     return "an" if word[:1].lower() in "aeiou" else "a"
 
 
+def check_job_path(path: str) -> str:
+    """The job file's absolute path; `JobError` if there is no such file (checked without importing it).
+
+    Example:
+        >>> check_job_path("no/such/job.py")
+        Traceback (most recent call last):
+        ...
+        cluster_trainer.errors.JobError: job file not found: ... (pass the path of a .py file defining `job = cluster_trainer.Job(...)`)
+    """
+    path = os.path.abspath(path)
+    if not os.path.isfile(path):
+        raise JobError(f"job file not found: {path} (pass the path of a .py file defining `job = cluster_trainer.Job(...)`)")
+    return path
+
+
 def load_job(path: str) -> Job:
     """Load the module-level `job` from a Python file.
 
     Raises `JobError` with a one-line message when the file is missing, fails to
     import, or does not define a `cluster_trainer.Job` named `job`.
     """
-    path = os.path.abspath(path)
-    if not os.path.isfile(path):
-        raise JobError(f"job file not found: {path} (pass the path of a .py file defining `job = cluster_trainer.Job(...)`)")
+    path = check_job_path(path)
     module_name = "cluster_trainer_job_" + hashlib.sha1(path.encode()).hexdigest()[:12]
     spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)

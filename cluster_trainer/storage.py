@@ -135,6 +135,31 @@ def disk_error(error: BaseException) -> StorageError | None:
     return None
 
 
+def check_uri(uri: str, options: dict | None = None) -> None:
+    """Refuse, in one line and without connecting, a URI whose scheme fsspec does not know (or whose
+    filesystem is not installed) and options that filesystem does not take.
+
+    Example:
+        >>> check_uri("gs://bucket/run"), check_uri("runs/mlp", {"auto_mkdir": True})
+        (None, None)
+        >>> check_uri("nosuchscheme://bucket/run")
+        Traceback (most recent call last):
+        ...
+        cluster_trainer.errors.StorageError: cannot use storage URI 'nosuchscheme://bucket/run': Protocol not known: nosuchscheme. Use a local path, file://, gs://BUCKET/PATH or s3://BUCKET/PATH
+    """
+    if "::" not in uri:  # a chained URL (simplecache::gs://...): url_to_fs judges it when the run opens it
+        try:
+            fsspec.get_filesystem_class(fsspec.core.split_protocol(uri)[0] or "file")
+        except (ValueError, ImportError) as e:
+            raise _uri_error(uri, e) from None
+    _check_options(uri, options or {})
+
+
+def _uri_error(uri: str, error: Exception) -> StorageError:
+    return StorageError(f"cannot use storage URI {uri!r}: {error}. Use a local path, file://, gs://BUCKET/PATH or "
+                        "s3://BUCKET/PATH")
+
+
 def _check_options(uri: str, options: dict) -> None:
     """Refuse, in one line and before any request, an option the URI's filesystem does not take.
 
@@ -195,9 +220,7 @@ class Storage:
         try:
             self.fs, self.root = fsspec.core.url_to_fs(uri, **(storage_options or {}))
         except (ValueError, ImportError) as e:
-            raise StorageError(
-                f"cannot use storage URI {uri!r}: {e}. Use a local path, file://, gs://BUCKET/PATH or s3://BUCKET/PATH"
-            ) from None
+            raise _uri_error(uri, e) from None
         except TypeError as e:
             raise StorageError(f"storage options do not fit {uri.split('://')[0]}://: {e}") from None
         self.root = self.root.rstrip("/") or "/"

@@ -48,15 +48,11 @@ def connect(address: str | None = None, echo: Callable[[str], None] | None = Non
             raise RunError(f"could not start a local Ray: {type(e).__name__}: {e}; pass --no-ray to train "
                            "in this process", EXIT_FAILURE) from e
         return True
-    # As ray.init reads it: RAY_ADDRESS wins over no address and over "auto".
-    where = os.environ["RAY_ADDRESS"] if address in (None, "auto") and os.environ.get("RAY_ADDRESS") else address
-    fix = ("check the address (HOST:PORT of the cluster's GCS, or auto for the cluster `ray start` ran on this "
-           "machine), or pass --no-ray to train in this process")
-    check_reachable(where, fix)
+    where = check_address(address)
     try:
         ray.init(address=address, **quiet)
     except Exception as e:
-        raise RunError(f"cannot connect to Ray at {where}: {type(e).__name__}: {first_line(e)}; {fix}",
+        raise RunError(f"cannot connect to Ray at {where}: {type(e).__name__}: {first_line(e)}; {_FIX}",
                        EXIT_BAD_INPUT) from e
     echo(f"connected to Ray at {where} ({sum(1 for n in ray.nodes() if n.get('Alive'))} node(s))")
     return True
@@ -68,6 +64,27 @@ def disconnect() -> None:
 
     time.sleep(LOG_FLUSH_SECONDS)  # Ray forwards actor output asynchronously
     ray.shutdown()
+
+
+_FIX = ("check the address (HOST:PORT of the cluster's GCS, or auto for the cluster `ray start` ran on this machine), "
+        "or pass --no-ray to train in this process")
+
+
+def check_address(address: str | None) -> str | None:
+    """The address `ray.init(address)` would connect to, refused in one line (`RunError`, exit code 2)
+    if it is malformed or nothing listens there; None where a new local Ray would start.
+
+    Example:
+        >>> check_address("127.0.0.1:1")
+        Traceback (most recent call last):
+        ...
+        cluster_trainer.errors.RunError: cannot connect to Ray at 127.0.0.1:1: Connection refused; check the address ...
+    """
+    # As ray.init reads it: RAY_ADDRESS wins over no address and over "auto".
+    where = os.environ["RAY_ADDRESS"] if address in (None, "auto") and os.environ.get("RAY_ADDRESS") else address
+    if where is not None:
+        check_reachable(where, _FIX)
+    return where
 
 
 def check_reachable(address: str, fix: str) -> None:
