@@ -3,13 +3,15 @@
 import io
 import json
 import re
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
 
 from cluster_trainer.history import parquet_frame, read_history
 
-from harness import ROOT, TEST_JOB, cli, latest, tree_digest
+from harness import ROOT, TEST_JOB, cli, cli_env, latest, tree_digest
 
 MLP = str(ROOT / "jobs" / "mlp.py")
 
@@ -39,6 +41,34 @@ def test_bad_input_is_one_line_and_exit_code_2(args, message, tmp_path):
     lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("cluster-trainer: error:"), result.stderr
     assert message in lines[0]
+
+
+def test_what_needs_no_job_file_is_refused_before_tensorflow_is_imported(tmp_path):
+    # TensorFlow's import takes seconds (20 on a loaded machine): a typo must not wait for it.
+    refused = [
+        ["run", "no/such/job.py", "--storage", "x"],
+        ["run", MLP, "--storage", "nosuchscheme://bucket/run"],
+        ["run", MLP, "--storage", "s3://bucket/run", "--storage-option", "endpoint_ulr=http://127.0.0.1:1"],
+        ["run", MLP, "--storage", "x", "--resource", "spot"],
+        ["run", MLP, "--storage", "x", "--max-failures", "-1"],
+        ["run", MLP, "--storage", "x", "--ray-address", "127.0.0.1:1"],
+        ["sweep", MLP, "--storage", "x", "--grid", "lr=1,2", "--ray-address", "not-an-address"],
+        ["export", str(tmp_path), str(tmp_path / "model.h5"), "--job", MLP],
+    ]
+    script = ("import json, sys\n"
+              "from cluster_trainer.cli import main\n"
+              f"codes = [main(argv) for argv in {refused!r}]\n"
+              "print(json.dumps([codes, sorted(m for m in ('tensorflow', 'keras') if m in sys.modules)]))\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=cli_env(), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    codes, imported = json.loads(result.stdout)
+    assert codes == [2] * len(refused), result.stderr
+    assert imported == [], result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("cluster-trainer: error: ")]
+    assert len(errors) == len(refused), result.stderr
+    assert "did you mean 'endpoint_url'?" in errors[2] and "not HOST:PORT or auto" in errors[6], errors
+    assert not (tmp_path / "x").exists()
 
 
 def test_a_keras_backend_other_than_tensorflow_is_refused_in_one_line_before_the_job_loads(tmp_path):
