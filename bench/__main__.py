@@ -59,6 +59,9 @@ if __name__ == "__main__":
     parser.add_argument("--methods", nargs="+", choices=list(preemption.METHODS), default=list(preemption.METHODS),
                         help="preemption: methods of the steps-re-run comparison (default all)")
     parser.add_argument("--seed", type=int, default=0, help="preemption: seed of the interruption schedule (default 0)")
+    parser.add_argument("--data-repeats", type=int, default=5,
+                        help="resume: repetitions of the in-process epoch-start timings, at least --repeats (default "
+                             "5: cheap, and skip times vary 2x from trial to trial on a shared machine)")
     parser.add_argument("--resume-batches", type=int, nargs="+", default=[1000, 4000],
                         help="resume: batches per epoch of the late-start data benchmark (default 1000 4000)")
     parser.add_argument("--stores", nargs="+", choices=["local", "s3", "gcs"], default=["local", "s3", "gcs"],

@@ -50,7 +50,6 @@ RESTART_BATCH = 16
 DATA_BATCH = 32
 DATA_FEATURES = 64
 FRACTIONS = (0.0, 0.3, 0.6, 0.9)
-DATA_MIN_REPEATS = 5  # in-process and cheap; skip times vary by 2x from trial to trial on a shared machine
 
 
 # -- restart to first step ------------------------------------------------------------
@@ -263,7 +262,7 @@ def run(args, machine: str) -> tuple[str, dict]:
             restarts = run_restarts(stores, args.state_sizes, args.repeats, work, args.devices)
         finally:
             stop_servers(servers)
-        data_repeats = max(args.repeats, DATA_MIN_REPEATS)
+        data_repeats = max(args.repeats, args.data_repeats)
         data = run_data(args.resume_batches, data_repeats, work)
     text = (
         f"**Restart to first step.** Dense 1024x1024 layers with Adam, global batch {RESTART_BATCH}, MirroredStrategy over "

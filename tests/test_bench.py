@@ -38,7 +38,8 @@ def test_preemption_benchmark_runs_at_smallest_size(tmp_path):
 
 
 def test_resume_benchmark_runs_at_smallest_size(tmp_path):
-    out = bench("--only", "resume", "--state-sizes", "1", "--resume-batches", "20", tmp_path=tmp_path)
+    out = bench("--only", "resume", "--state-sizes", "1", "--resume-batches", "20", "--data-repeats", "1",
+                tmp_path=tmp_path)
     assert "| local disk | 13 MB |" in out
     assert "| numpy arrays (ArraySource) | 20 |" in out
     assert "| tf.data builder: TFRecord, shuffle, map (DatasetSource) | 20 |" in out
