@@ -57,7 +57,7 @@ def _start_cluster():
 
     cluster = RayCluster()
     try:
-        cluster.start_head(num_cpus=CPUS)
+        cluster.start_head(num_cpus=CPUS, dashboard=False)  # the sweep needs none; it would idle on the CPUs timed
     except BaseException:
         cluster.stop()
         raise

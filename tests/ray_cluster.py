@@ -230,19 +230,24 @@ class RayCluster:
         node.node_id = node._wait_for_node_id()
         return node
 
-    def start_head(self, num_cpus: int = 1, resources: dict | None = None, env: dict | None = None) -> RayNode:
-        """The head node (GCS, dashboard for `ray job submit`); `env` adds to its processes' environment."""
+    def start_head(self, num_cpus: int = 1, resources: dict | None = None, env: dict | None = None,
+                   dashboard: bool = True) -> RayNode:
+        """The head node (GCS, and the dashboard `ray job submit` talks to unless `dashboard=False`: it is
+        a handful of Python processes that cost CPU seconds to start and keep polling); `env` adds to its
+        processes' environment."""
         port = free_port()
         dashboard_port = free_port()
+        shown = ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"]
         node = self._start(
             ["--head", f"--port={port}", f"--ray-client-server-port={free_port()}",
-             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"],
+             *(shown if dashboard else ["--include-dashboard=false"])],
             head=True, num_cpus=num_cpus, resources=resources, env=env,
         )
         self.address = f"127.0.0.1:{port}"
-        self.dashboard = f"http://127.0.0.1:{dashboard_port}"
         self._wait_for_nodes(1)
-        self._wait_for_dashboard()
+        if dashboard:
+            self.dashboard = f"http://127.0.0.1:{dashboard_port}"
+            self._wait_for_dashboard()
         return node
 
     def add_node(self, num_cpus: int = 1, resources: dict | None = None, env: dict | None = None) -> RayNode:

@@ -34,7 +34,7 @@ GLOBAL_STATE_JOB = str(ROOT / "tests" / "jobs" / "global_state.py")
 def cluster():
     with RayCluster() as running:
         # Slow steps (on the node, where the training actors run), so a test can act mid-epoch.
-        running.start_head(num_cpus=2, env={"CT_TEST_STEP_SLEEP": "0.05"})
+        running.start_head(num_cpus=2, env={"CT_TEST_STEP_SLEEP": "0.05"}, dashboard=False)  # no `ray job submit` here
         yield running
 
 
