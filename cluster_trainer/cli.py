@@ -325,7 +325,7 @@ def _check_before_tensorflow(args) -> None:
 
     _resources(args, Resources())  # the flags' syntax and values; the job's own resources come later
     RetryPolicy(args.max_failures, getattr(args, "max_preemptions", None))
-    check_address(args.ray_address)
+    check_address(args.ray_address, offer_no_ray=args.command == "run")
 
 
 def _check_run_flags(args) -> None:

@@ -388,7 +388,7 @@ def sweep(
     seal = sweep_seal.TuneStateSeal(store, sweep_seal.load_key(create=not restoring))
     seal.verify()  # before anything of Tune's state is unpickled (nothing to check in a new sweep's empty prefix)
 
-    connected = connect(address, echo)
+    connected = connect(address, echo, offer_no_ray=False)  # a sweep has no --no-ray
     try:
         resources = resources or job.resources
         settings = {

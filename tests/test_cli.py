@@ -68,6 +68,7 @@ def test_what_needs_no_job_file_is_refused_before_tensorflow_is_imported(tmp_pat
     errors = [line for line in result.stderr.splitlines() if line.startswith("cluster-trainer: error: ")]
     assert len(errors) == len(refused), result.stderr
     assert "did you mean 'endpoint_url'?" in errors[2] and "not HOST:PORT or auto" in errors[6], errors
+    assert "--no-ray" in errors[5] and "--no-ray" not in errors[6], errors  # `sweep` has no --no-ray to offer
     assert not (tmp_path / "x").exists()
 
 

@@ -16,13 +16,14 @@ from cluster_trainer.on_ray import private
 LOG_FLUSH_SECONDS = 1.0
 
 
-def connect(address: str | None = None, echo: Callable[[str], None] | None = None) -> bool:
+def connect(address: str | None = None, echo: Callable[[str], None] | None = None, offer_no_ray: bool = True) -> bool:
     """Connect this process to Ray, as `run` does; True if this call connected (then call `disconnect()`).
 
     `address`: "auto", "HOST:PORT" (the GCS), or None: `RAY_ADDRESS` if set, else a new local Ray
     on 127.0.0.1 (usage stats and dashboard off), stopped by `disconnect()`. Returns False, and
     changes nothing, when Ray is already initialised here (a notebook, a Tune trial). A closed
     address fails in seconds with `RunError` (exit code 2), not after Ray's minutes of retries.
+    `offer_no_ray`: whether messages suggest --no-ray (`run` has it; `sweep` needs Ray).
 
     Example:
         >>> connected = connect("auto")        # doctest: +SKIP
@@ -40,20 +41,20 @@ def connect(address: str | None = None, echo: Callable[[str], None] | None = Non
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     if address is None and not os.environ.get("RAY_ADDRESS"):
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        echo("starting a local Ray on 127.0.0.1 (pass --ray-address to use a running cluster, "
-             "--no-ray to train in this process)")
+        echo("starting a local Ray on 127.0.0.1 (pass --ray-address to use a running cluster"
+             + (", --no-ray to train in this process)" if offer_no_ray else ")"))
         try:
             private.init_local(include_dashboard=False, **quiet)
         except Exception as e:
-            raise RunError(f"could not start a local Ray: {type(e).__name__}: {e}; pass --no-ray to train "
-                           "in this process", EXIT_FAILURE) from e
+            fix = "pass --no-ray to train in this process" if offer_no_ray else "pass --ray-address of a running cluster"
+            raise RunError(f"could not start a local Ray: {type(e).__name__}: {e}; {fix}", EXIT_FAILURE) from e
         return True
-    where = check_address(address)
+    where = check_address(address, offer_no_ray)
     try:
         ray.init(address=address, **quiet)
     except Exception as e:
-        raise RunError(f"cannot connect to Ray at {where}: {type(e).__name__}: {first_line(e)}; {_FIX}",
-                       EXIT_BAD_INPUT) from e
+        raise RunError(f"cannot connect to Ray at {where}: {type(e).__name__}: {first_line(e)}; "
+                       f"{_fix(offer_no_ray)}", EXIT_BAD_INPUT) from e
     echo(f"connected to Ray at {where} ({sum(1 for n in ray.nodes() if n.get('Alive'))} node(s))")
     return True
 
@@ -66,13 +67,15 @@ def disconnect() -> None:
     ray.shutdown()
 
 
-_FIX = ("check the address (HOST:PORT of the cluster's GCS, or auto for the cluster `ray start` ran on this machine), "
-        "or pass --no-ray to train in this process")
+def _fix(offer_no_ray: bool) -> str:
+    return ("check the address (HOST:PORT of the cluster's GCS, or auto for the cluster `ray start` ran on this "
+            "machine)" + (", or pass --no-ray to train in this process" if offer_no_ray else ""))
 
 
-def check_address(address: str | None) -> str | None:
+def check_address(address: str | None, offer_no_ray: bool = True) -> str | None:
     """The address `ray.init(address)` would connect to, refused in one line (`RunError`, exit code 2)
     if it is malformed or nothing listens there; None where a new local Ray would start.
+    `offer_no_ray`: whether the message suggests --no-ray (`run` has it; `sweep` needs Ray).
 
     Example:
         >>> check_address("127.0.0.1:1")
@@ -83,7 +86,7 @@ def check_address(address: str | None) -> str | None:
     # As ray.init reads it: RAY_ADDRESS wins over no address and over "auto".
     where = os.environ["RAY_ADDRESS"] if address in (None, "auto") and os.environ.get("RAY_ADDRESS") else address
     if where is not None:
-        check_reachable(where, _FIX)
+        check_reachable(where, _fix(offer_no_ray))
     return where
 
 
