@@ -311,5 +311,6 @@ def test_group_restart_benchmark_runs_at_smallest_size(cluster):
     for row in rows:  # every event came after the kill, the restart's in order (the resume line is forwarded
         seconds = [float(cell.split()[0]) for cell in row.split(" | ")[1:]]  # by Ray: it may arrive late)
         torn_down, placed, resumed, first_step = seconds
-        assert 0 < torn_down <= placed <= first_step and resumed > placed, row
+        # The table rounds to 0.1 s: a death Ray reports within 50 ms of the kill reads 0.0 (it did, for 1 worker).
+        assert 0 <= torn_down <= placed <= first_step and resumed > placed, row
     assert re.search(r"Lost worker to first step, 2 workers / 1 worker: \d+\.\d\d×", result.stdout), result.stdout
