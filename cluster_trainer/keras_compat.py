@@ -54,6 +54,10 @@ What is used, and why:
   all-reduce and `merge_call`s inside a `cond`, which fails under any
   MirroredStrategy, in `fit` too; `distribute_gradient_accumulation` moves the
   all-reduce before the `cond` and keeps the updates on each replica's copy.
+- `multi_device_iterator_ops._create_device_dataset`: the per-device pipelines
+  of a strategy's input iterator, which TensorFlow autotunes though they have
+  nothing to tune; the loop turns the autotuner off there, whose thread made
+  every epoch's end wait (`untuned_device_pipelines`).
 - `Dataset._variant_tensor` (through `DatasetToGraphV2`): a `tf.data.Dataset`'s
   graph, read to refuse an order that changes per iteration and to tell
   batched from unbatched.
@@ -407,6 +411,32 @@ def distribute_gradient_accumulation(optimizer) -> None:
     target._backend_apply_gradients = apply_reduced
     for name in ("_backend_update_step", "_apply_weight_decay", "_backend_increment_gradient_accumulators"):
         setattr(target, name, types.MethodType(getattr(BaseOptimizer, name), target))
+
+
+@contextlib.contextmanager
+def untuned_device_pipelines():
+    """Within: the per-device pipelines of a distribution strategy's input iterators run without tf.data's autotuner.
+
+    TensorFlow's MultiDeviceIterator (the input of every MirroredStrategy and
+    MultiWorkerMirroredStrategy) feeds each device through a pipeline of its own
+    (`multi_device_iterator_ops._create_device_dataset`: a generator, then a
+    `prefetch` of a fixed size), made with default options, so autotuned, though
+    it has nothing to tune. Deleting the iterator at an epoch's end then waits on
+    that pipeline's autotuner thread: 0.1-0.3 s at most epochs' ends on one CPU
+    replica (TF 2.21, epochs of 64 steps of ~5 ms), 1 ms without it. No element,
+    order or buffer size changes. `fit`, outside, keeps TensorFlow's behaviour.
+    """
+    from tensorflow.python.data.ops import multi_device_iterator_ops
+
+    create = multi_device_iterator_ops._create_device_dataset
+    options = tf.data.Options()
+    options.autotune.enabled = False
+
+    def create_untuned(*args, **kwargs):
+        return create(*args, **kwargs).with_options(options)
+
+    with _replaced(multi_device_iterator_ops, "_create_device_dataset", create_untuned):
+        yield
 
 
 def dataset_graph(dataset):

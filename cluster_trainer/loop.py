@@ -175,7 +175,8 @@ def train(
     run.preemption.listeners.append(lambda notice: group.cast(run._vote()))
     run.preemption.start(handle_signals=handle_signals)
     try:
-        return run.run()
+        with keras_compat.untuned_device_pipelines():  # no autotuner to wait for at each epoch's end
+            return run.run()
     except PEER_LOST_ERRORS as e:
         if not group.multi_worker:
             raise

@@ -3,7 +3,9 @@
 import numpy as np
 import pytest
 import tensorflow as tf
+from tensorflow.python.data.ops import multi_device_iterator_ops
 
+from cluster_trainer import keras_compat
 from cluster_trainer.data import ArraySource, DatasetSource, as_source
 from cluster_trainer.errors import JobError
 from harness import latest
@@ -35,6 +37,33 @@ def test_each_epoch_has_its_own_order_and_it_is_reproducible():
     assert not np.array_equal(source.order(0, 5), source.order(1, 5))
     assert np.array_equal(source.order(1, 5), ArraySource((X, Y), shuffle=True).order(1, 5))
     assert sorted(source.order(3, 5)) == list(range(50))
+
+
+def test_a_strategys_input_over_arrays_runs_without_tf_datas_autotuner_and_gives_the_same_batches():
+    """Deleting a strategy's iterator over an autotuned pipeline waits on the autotuner's thread at every
+    epoch's end (docs/BENCHMARKS.md): the arrays' pipeline and the strategy's per-device pipelines have
+    nothing to tune, so the loop runs them without it; no batch changes, and the patch ends with the run."""
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0"])
+    source = ArraySource((X, Y), shuffle=True)
+    dataset = source.epoch_dataset(epoch=1, seed=5, batch_size=8)
+    assert dataset.options().autotune.enabled is False
+    original, device_pipelines = multi_device_iterator_ops._create_device_dataset, []
+    with keras_compat.untuned_device_pipelines():
+        untuned = multi_device_iterator_ops._create_device_dataset
+
+        def recording(*args, **kwargs):
+            device_pipelines.append(untuned(*args, **kwargs))
+            return device_pipelines[-1]
+
+        multi_device_iterator_ops._create_device_dataset = recording
+        try:
+            distributed = batches(strategy.experimental_distribute_dataset(dataset))
+        finally:
+            multi_device_iterator_ops._create_device_dataset = untuned
+    assert multi_device_iterator_ops._create_device_dataset is original
+    assert device_pipelines and all(d.options().autotune.enabled is False for d in device_pipelines)
+    assert_same_batches(distributed, batches(dataset))
+    assert len(distributed) == 7
 
 
 @pytest.mark.parametrize("start", [0, 2, 6])
