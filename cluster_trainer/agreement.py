@@ -174,6 +174,12 @@ class Group:
 
         self._exchange_fn = exchange
 
+    def read_votes_after(self, model) -> None:
+        """Have each step read the votes once it has updated `model`'s variables (see `cast`)."""
+        if self.multi_worker:
+            variables = model.trainable_variables
+            keras_compat.read_votes_after(variables[-1] if variables else None)
+
     @property
     def multi_worker(self) -> bool:
         return self.workers is not None
@@ -203,7 +209,8 @@ class Group:
         """This worker's vote, carried by the next step that reads it (to every worker).
 
         May be called from another thread while a step runs (a notice's): the step reads the
-        votes at its end, with its losses, so a notice cast during a step usually rides that step.
+        votes at its end, once its update is applied (`read_votes_after`), so a notice cast during
+        a step rides that step unless it comes in the step's last moments.
         """
         if not self.multi_worker:
             return

@@ -201,9 +201,9 @@ def fix_multi_worker_step_reduction(votes: tf.Variable | None = None, voting_rep
     hands everything else to Keras's own function.
 
     With `votes` (a float32 `[workers, fields]` variable holding this worker's row, zeros
-    elsewhere), the same all-reduce carries the sum of every worker's variable as it was when
-    the step began, returned in the step's logs under `STEP_VOTES`: the workers learn each
-    other's votes at no extra collective. It takes effect for steps made after the call.
+    elsewhere), the same all-reduce carries the sum of every worker's variable as it was at the
+    step's end (`read_votes_after`), returned in the step's logs under `STEP_VOTES`: the workers
+    learn each other's votes at no extra collective. It takes effect for steps made after the call.
     """
     from keras.src import tree
     from keras.src.backend.tensorflow import trainer
@@ -243,8 +243,10 @@ def fix_multi_worker_step_reduction(votes: tf.Variable | None = None, voting_rep
             if votes is not None:
                 context = tf.distribute.get_replica_context()
                 mine = tf.cast(tf.equal(context.replica_id_in_sync_group, _step_votes["replica"]), tf.float32)
-                # Read once the step's results exist, so that a vote cast during the step rides it.
-                with tf.control_dependencies(scalars):
+                # Read once the step's results exist and its update is applied (after the gradients'
+                # all-reduce, a step's longest part), so that a vote cast during the step rides it.
+                after = _step_votes.get("after")
+                with tf.control_dependencies([*scalars, *([after.read_value()] if after is not None else [])]):
                     row = votes.read_value()
                 # The mean over replicas of (row * replicas) on one replica per worker: every worker's row.
                 parts.append(tf.reshape(row * (mine * replicas), [-1]))
@@ -259,6 +261,16 @@ def fix_multi_worker_step_reduction(votes: tf.Variable | None = None, voting_rep
 
     reduce_per_replica.fixes_multi_worker_scalars = True
     trainer.reduce_per_replica = reduce_per_replica
+
+
+def read_votes_after(variable) -> None:
+    """Make the steps traced from now on read the vote table only once `variable` (a Keras variable every
+    step updates: the model's last trainable one) holds the step's update; None: once the step's losses exist.
+
+    The update waits for the gradients' all-reduce, the longest part of a step on several workers, so a
+    notice cast while it runs still rides that step instead of the next one.
+    """
+    _step_votes["after"] = None if variable is None else backing_variable(variable)
 
 
 def multi_worker_strategy(cluster_resolver, cpu_devices: int, communication_options):

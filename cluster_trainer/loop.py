@@ -290,6 +290,7 @@ class _Run:
                 raise JobError("Job.validation_data is infinite (it repeats): set Job.validation_steps, as fit needs")
             self.validation_steps = min(known) if known else None
         self.model = build_compiled_model(job, self.strategy, self.train_source)
+        self.group.read_votes_after(self.model)  # before the step is traced
         with self.strategy.scope():
             self.model.make_train_function()
             if self.val_source is not None:
