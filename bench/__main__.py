@@ -6,7 +6,7 @@
     python -m bench --only preemption --state-sizes 10 100 1000 --rerun-steps 1000 5000
     python -m bench --only resume --resume-batches 1000 10000
     python -m bench --only group-restart --repeats 5
-    python -m bench --only multiworker --widths 256 --state-sizes 10 100
+    python -m bench --only multiworker --widths 256 --state-sizes 10 100 --flush-phases 0.5
     python -m bench --only cadence --cadence-kills 8 --cadence-steps 200
     python -m bench --only sweep --sweep-trials 16 --asha-trials 200
 """
@@ -53,6 +53,9 @@ if __name__ == "__main__":
     parser.add_argument("--sizes", type=int, nargs="+", default=[10, 100], help="io: state sizes in MB (default 10 100)")
     parser.add_argument("--state-sizes", type=int, nargs="+", default=[10, 100],
                         help="preemption, resume, multiworker: checkpoint sizes in MB (default 10 100)")
+    parser.add_argument("--flush-phases", type=float, nargs="+", default=[0.0, 0.5],
+                        help="multiworker: when in a step the notice comes, as a fraction of a step after one ends "
+                             "(default 0 0.5)")
     parser.add_argument("--rerun-steps", type=int, nargs="+", default=[200, 800],
                         help="preemption: steps per epoch of the steps-re-run runs (default 200 800)")
     parser.add_argument("--interruptions", type=int, default=5, help="preemption: interruptions per schedule (default 5)")

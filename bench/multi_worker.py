@@ -20,7 +20,9 @@ whose checkpoint is about S MB) trains; the benchmark sends SIGTERM to worker 1
 alone and times, from outside, the signal to the chief's "state committed" line.
 The baseline is the same run on 1 worker (1 device), signalled the same way. Trials
 alternate. The chief's own log splits its flush into waiting for the step in flight,
-the host copy and the write.
+the host copy and the write. A notice comes at any moment of a step, so each trial
+signals at a chosen phase (`--flush-phases`): right after a step ends (0), or half a
+step later (0.5), timed from the two steps before it.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from bench.procs import ROOT, Training, child_env, cluster_trainer_command
@@ -122,7 +125,8 @@ def steps_table(result: dict, repeats: int, epochs: int, width: int) -> str:
             "each repetition, and of the fastest epochs.\n\n" + "\n".join(rows) + "\n")
 
 
-def flush_trial(workers: int, megabytes: int, number: int, work: Path) -> dict:
+def flush_trial(workers: int, megabytes: int, number: int, work: Path, phase: float = 0.0) -> dict:
+    """One run signalled `phase` of a step after a step ends (the step timed from the two before it)."""
     uri = str(work / f"flush-{workers}w-{megabytes}mb-{number}")
     env = child_env(BENCH_MODEL=f"dense:{megabytes}", BENCH_SAMPLES=FLUSH_BATCH * 200, BENCH_BATCH=FLUSH_BATCH,
                     BENCH_EPOCHS=1000)
@@ -134,6 +138,11 @@ def flush_trial(workers: int, megabytes: int, number: int, work: Path) -> dict:
             runs.append(Training(cluster_trainer_command(uri, 1), {**env, **extra}, work,
                                  f"flush-{workers}w-{megabytes}-{number}-{index}"))
         runs[0].wait_for_step(FLUSH_WARM_STEPS)
+        began = time.monotonic()
+        runs[0].wait_for_step(FLUSH_WARM_STEPS + 2)
+        step = (time.monotonic() - began) / 2
+        runs[0].wait_for_step(FLUSH_WARM_STEPS + 3)
+        time.sleep(phase * step)
         sent = runs[-1].signal(signal.SIGTERM)  # worker 1 of 2, or the only one
         codes = [run.wait() for run in runs]
     finally:
@@ -145,44 +154,50 @@ def flush_trial(workers: int, megabytes: int, number: int, work: Path) -> dict:
     stages = (chief.line("flush of ") or "").split("flush of ", 1)[-1].strip()
     size = float(re.match(r"([\d.]+) MB", stages).group(1)) if re.match(r"([\d.]+) MB", stages) else float("nan")
     shutil.rmtree(uri, ignore_errors=True)
-    return {"workers": workers, "megabytes": size, "signal_to_commit": chief.line_time("after the notice") - sent,
+    return {"workers": workers, "megabytes": size, "phase": phase, "step": step,
+            "signal_to_commit": chief.line_time("after the notice") - sent,
             "signal_to_flush": chief.line_time("committing at epoch") - sent,
             "signal_to_exit": max(run.exited for run in runs) - sent, "stages": stages}
 
 
-def measure_flush(sizes: list[int], repeats: int, work: Path) -> list[dict]:
+def measure_flush(sizes: list[int], repeats: int, work: Path, phases: list[float]) -> list[dict]:
     trials = []
     for repeat in range(repeats):
         for megabytes in sizes:
-            for workers in (1, 2):
-                trial = flush_trial(workers, megabytes, repeat, work)
-                trials.append(trial)
-                print(f"flush {repeat + 1}/{repeats} {workers} worker(s) {trial['megabytes']:.0f} MB: signal->commit "
-                      f"{trial['signal_to_commit']:.2f}s (the chief began its flush at {trial['signal_to_flush']:.2f}s); "
-                      f"flush of {trial['stages']}", flush=True)
+            for phase in phases:
+                for workers in (1, 2):
+                    trial = flush_trial(workers, megabytes, repeat, work, phase)
+                    trials.append(trial)
+                    print(f"flush {repeat + 1}/{repeats} {workers} worker(s) {trial['megabytes']:.0f} MB, signal {phase:g} "
+                          f"of a {trial['step']:.2f}s step in: signal->commit {trial['signal_to_commit']:.2f}s (the chief "
+                          f"began its flush at {trial['signal_to_flush']:.2f}s); flush of {trial['stages']}", flush=True)
     return trials
 
 
 def flush_table(trials: list[dict]) -> str:
-    rows = ["| checkpoint | 1 worker: signal → commit | 2 workers: signal to worker 1 → chief's commit | "
-            "2 workers / 1 worker | signal → the chief begins its flush (1 / 2 workers) | signal → every worker exited (2 workers) |",
-            "|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| checkpoint | signal | step (1 / 2 workers) | 1 worker: signal → commit | "
+            "2 workers: signal to worker 1 → chief's commit | 2 workers / 1 worker | "
+            "signal → the chief begins its flush (1 / 2 workers) | signal → every worker exited (2 workers) |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|"]
     for size in sorted({round(t["megabytes"]) for t in trials}):
-        group = [t for t in trials if round(t["megabytes"]) == size]
-        med = lambda workers, key: statistics.median(t[key] for t in group if t["workers"] == workers)  # noqa: E731
-        one, two = med(1, "signal_to_commit"), med(2, "signal_to_commit")
-        rows.append(f"| {size} MB | {one:.2f} s | {two:.2f} s | **{two / one:.2f}x** | {med(1, 'signal_to_flush'):.2f} s / "
-                    f"{med(2, 'signal_to_flush'):.2f} s | {med(2, 'signal_to_exit'):.2f} s |")
-    return ("Median of the trials per row; 1 and 2 workers alternate. A notice reaches the chief with the votes of "
-            "the step in flight on worker 1 (or of the next one, if that step had read them already).\n\n"
-            + "\n".join(rows) + "\n")
+        for phase in sorted({t["phase"] for t in trials}):
+            group = [t for t in trials if round(t["megabytes"]) == size and t["phase"] == phase]
+            med = lambda workers, key: statistics.median(t[key] for t in group if t["workers"] == workers)  # noqa: E731
+            one, two = med(1, "signal_to_commit"), med(2, "signal_to_commit")
+            when = "right after a step" if phase == 0 else f"{phase:g} of a step in"
+            rows.append(f"| {size} MB | {when} | {med(1, 'step'):.2f} s / {med(2, 'step'):.2f} s | {one:.2f} s | "
+                        f"{two:.2f} s | **{two / one:.2f}x** | {med(1, 'signal_to_flush'):.2f} s / "
+                        f"{med(2, 'signal_to_flush'):.2f} s | {med(2, 'signal_to_exit'):.2f} s |")
+    return ("Median of the trials per row; 1 and 2 workers alternate. Each worker stops after the step in flight "
+            "when the notice came (its votes are read once its update is applied), so the chief's flush begins "
+            "when that step ends: the longer a step, the later.\n\n" + "\n".join(rows) + "\n")
 
 
 def run(args, machine: str) -> tuple[str, dict]:
     work = Path(tempfile.mkdtemp(prefix="bench-multi-worker-"))
     try:
         steps = measure_steps(args, work)
-        flush = measure_flush(args.state_sizes, args.repeats, work)
+        flush = measure_flush(args.state_sizes, args.repeats, work, args.flush_phases)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     text = ("2 worker processes on 127.0.0.1 (loopback gRPC), 1 logical CPU device each. " + machine + "\n\n"
