@@ -127,7 +127,8 @@ def steps_table(result: dict, repeats: int, epochs: int, width: int) -> str:
 
 def flush_trial(workers: int, megabytes: int, number: int, work: Path, phase: float = 0.0) -> dict:
     """One run signalled `phase` of a step after a step ends (the step timed from the two before it)."""
-    uri = str(work / f"flush-{workers}w-{megabytes}mb-{number}")
+    name = f"flush-{workers}w-{megabytes}mb-{phase:g}-{number}"  # one run per trial: none resumes another's
+    uri = str(work / name)
     env = child_env(BENCH_MODEL=f"dense:{megabytes}", BENCH_SAMPLES=FLUSH_BATCH * 200, BENCH_BATCH=FLUSH_BATCH,
                     BENCH_EPOCHS=1000)
     addresses = loopback_addresses(workers)
@@ -135,8 +136,7 @@ def flush_trial(workers: int, megabytes: int, number: int, work: Path, phase: fl
     try:
         for index in range(workers):
             extra = {"TF_CONFIG": Workers(addresses, index).tf_config()} if workers > 1 else {}
-            runs.append(Training(cluster_trainer_command(uri, 1), {**env, **extra}, work,
-                                 f"flush-{workers}w-{megabytes}-{number}-{index}"))
+            runs.append(Training(cluster_trainer_command(uri, 1), {**env, **extra}, work, f"{name}-{index}"))
         runs[0].wait_for_step(FLUSH_WARM_STEPS)
         began = time.monotonic()
         runs[0].wait_for_step(FLUSH_WARM_STEPS + 2)
